@@ -1,0 +1,493 @@
+"""The bilevel scheme: PyTorch-exact SGD, the unrolled look-ahead, the meta-gradient, `train_step`.
+
+One training iteration (the reference's order, SPEC "One training iteration"):
+
+1. real step: one SGD step on L_total = L_org + L_wfm at θ -> θ₁ (BN in training
+   mode; the source in eval mode, as a constant);
+2. meta step from θ₁: T SGD steps on L_wfm, one SGD step on L_org, the outer loss
+   L_org(θ⁺) on the same batch, and its gradient with respect to φ *through the
+   unroll* (`jax.grad` of `lookahead_loss`: momentum, weight decay, BN batch
+   statistics and every Hessian-vector product included); one Adam step on φ;
+   the look-ahead is discarded (θ stays θ₁);
+3. BN running statistics: updated by the real step's forward and, by default, a
+   second time by a training-mode forward at θ₁ (the first look-ahead forward),
+   as the reference does.
+
+θ is the pytree {"model": target params, "branch": matching 1x1 convs}; φ is
+`transfer.init_meta_params(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+
+from l2t_jax import transfer
+from l2t_jax.transfer import MatchingConfig
+
+Array = jax.Array
+PyTree = Any
+
+SCHEMES = ("proposed", "original", "first_order")
+BN_UPDATES = ("reference", "single")
+
+
+# --------------------------------------------------------------------------- SGD with PyTorch semantics
+
+
+def _sgd_chain(learning_rate: float, momentum: float, weight_decay: float) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),  # g <- g + wd * θ
+        optax.trace(decay=momentum, nesterov=False),  # buf <- momentum * buf + g (buf starts at 0: buf = g first)
+        optax.scale_by_learning_rate(learning_rate),  # θ <- θ - lr * buf
+    )
+
+
+def pytorch_sgd(
+    learning_rate: float = 0.1, momentum: float = 0.9, weight_decay: float = 1e-4, dtype: Any = jnp.float32
+) -> optax.GradientTransformation:
+    """`torch.optim.SGD(lr, momentum, weight_decay)` (no dampening, no Nesterov) as an optax chain.
+
+    g <- ∇ + wd·θ; buf <- momentum·buf + g (the zero-initialised buffer makes the
+    first step buf = g, as PyTorch); θ <- θ - lr·buf. The hyperparameters are
+    injected (`optax.inject_hyperparams`), so the learning rate can change every
+    step without recompiling (`with_learning_rate`).
+    """
+    return optax.inject_hyperparams(_sgd_chain, hyperparam_dtype=dtype)(
+        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay
+    )
+
+
+def with_learning_rate(opt_state: optax.InjectHyperparamsState, lr: Array | float) -> optax.InjectHyperparamsState:
+    """`opt_state` with its injected learning rate replaced by `lr`."""
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
+    return opt_state._replace(hyperparams=hp)
+
+
+def momentum_buffers(opt_state: optax.InjectHyperparamsState) -> PyTree:
+    """The momentum buffers (a pytree like θ) of a `pytorch_sgd` state."""
+    return opt_state.inner_state[1].trace
+
+
+def with_momentum_buffers(opt_state: optax.InjectHyperparamsState, buffers: PyTree) -> optax.InjectHyperparamsState:
+    """`opt_state` with its momentum buffers replaced (e.g. imported from a PyTorch run)."""
+    inner = list(opt_state.inner_state)
+    inner[1] = inner[1]._replace(trace=buffers)
+    return opt_state._replace(inner_state=tuple(inner))
+
+
+def sgd_apply(
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    opt_state: PyTree,
+    grads: PyTree,
+    has_grad: Optional[PyTree] = None,
+) -> tuple[PyTree, PyTree]:
+    """One SGD step: returns (new params, new optimizer state).
+
+    Args:
+      has_grad: optional pytree of Python bools like `params`; a leaf marked False is
+        left untouched (value and momentum buffer), as PyTorch's SGD skips a parameter
+        whose `.grad` is None (no weight decay, no momentum update). See `grad_mask`.
+    """
+    updates, new_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    if has_grad is not None and not all(jax.tree.leaves(has_grad)):
+        keep = lambda m, new, old: new if m else old  # noqa: E731
+        new_params = jax.tree.map(keep, has_grad, new_params, params)
+        buffers = jax.tree.map(keep, has_grad, momentum_buffers(new_state), momentum_buffers(opt_state))
+        new_state = with_momentum_buffers(new_state, buffers)
+    return new_params, new_state
+
+
+def grad_mask(loss_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree:
+    """Which leaves of `params` the (first) output of `loss_fn` depends on, structurally.
+
+    This is PyTorch's "the parameter has a .grad after backward": a parameter that
+    takes no part in the loss (the classifier during matching-only steps, the
+    matching branch during a cross-entropy step) gets no gradient and SGD skips it.
+    Computed from the jaxpr at trace time (no run-time cost).
+
+    Returns:
+      A pytree of Python bools with the structure of `params`.
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    closed = jax.make_jaxpr(lambda *ls: loss_fn(jax.tree.unflatten(treedef, ls)))(*leaves)
+    n_out = len(closed.jaxpr.outvars)
+    used_out = [True] + [False] * (n_out - 1)
+    try:
+        from jax._src.interpreters import partial_eval as pe
+
+        _, used = pe.dce_jaxpr(closed.jaxpr, used_out, instantiate=False)
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - conservative fallback
+        used = _used_inputs_conservative(closed.jaxpr, used_out)
+    return jax.tree.unflatten(treedef, [bool(u) for u in used])
+
+
+def _used_inputs_conservative(jaxpr, used_outputs) -> list[bool]:
+    """Backward liveness over a jaxpr; an equation with a used output uses all its inputs."""
+    live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and not isinstance(v, jax.core.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(o in live for o in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, jax.core.Literal))
+    return [v in live for v in jaxpr.invars]
+
+
+def pytorch_adam(learning_rate: float = 1e-4, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+    """`torch.optim.Adam(lr, weight_decay)`: L2 decay added to the gradient, then Adam (eps 1e-8)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8))
+
+
+# --------------------------------------------------------------------------- configuration and state
+
+
+@dataclasses.dataclass(frozen=True)
+class BilevelConfig:
+    """Static configuration of a training step (hashable).
+
+    Attributes:
+      matching: pairs, method, β, λ type, meta kind.
+      T: matching steps in the look-ahead (the paper: 2).
+      scheme: "proposed" (T steps on L_wfm, one step on L_org, outer L_org);
+        "original" (Appendix C.2: T steps on L_total, outer L_org, no adaptation step);
+        "first_order" (as proposed, second-order terms dropped: inner gradients are
+        taken at stop_gradient(θ)).
+      momentum, weight_decay: the target's SGD.
+      meta_lr, meta_weight_decay: Adam on φ.
+      bn_updates: "reference" (running statistics updated twice per iteration, as the
+        reference) or "single" (only by the real step).
+      remat: rematerialise each look-ahead step in the backward pass (less memory).
+    """
+
+    matching: MatchingConfig = dataclasses.field(default_factory=lambda: MatchingConfig(method="scratch"))
+    T: int = 2
+    scheme: str = "proposed"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    meta_lr: float = 1e-4
+    meta_weight_decay: float = 1e-4
+    bn_updates: str = "reference"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if self.bn_updates not in BN_UPDATES:
+            raise ValueError(f"unknown bn_updates {self.bn_updates!r}; expected one of {BN_UPDATES}")
+        if self.T < 1:
+            raise ValueError(f"T must be >= 1, got {self.T}")
+
+    @property
+    def has_meta_step(self) -> bool:
+        return self.matching.has_meta_params
+
+
+@struct.dataclass
+class TrainState:
+    """Everything one iteration reads and writes.
+
+    Attributes:
+      step: iterations done (int32 scalar).
+      params: θ = {"model": target params, "branch": list of 1x1 convs}.
+      batch_stats: the target's BN running statistics.
+      opt_state: `pytorch_sgd` state of θ (momentum buffers, injected lr).
+      meta_params: φ (may be {}).
+      meta_opt_state: Adam state of φ.
+    """
+
+    step: Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    meta_params: PyTree
+    meta_opt_state: PyTree
+
+
+class Models(NamedTuple):
+    """The two networks (static Flax modules)."""
+
+    target: nn.Module
+    source: Optional[nn.Module]
+
+
+def create_train_state(
+    key: Array,
+    models: Models,
+    cfg: BilevelConfig,
+    target_variables: PyTree,
+    *,
+    source_channels: tuple[int, ...],
+    target_channels: tuple[int, ...],
+    learning_rate: float = 0.1,
+    lambda_init: Optional[float] = 1.0,
+) -> TrainState:
+    """A fresh state: given target variables, a new branch and φ, zero momentum, fresh Adam."""
+    kb, km = jax.random.split(key)
+    m = cfg.matching
+    dtype = jax.tree.leaves(target_variables["params"])[0].dtype
+    branch = transfer.init_branch(kb, m.pairs, source_channels, target_channels, dtype)
+    params = {"model": target_variables["params"], "branch": branch}
+    meta = transfer.init_meta_params(
+        km, m.pairs, source_channels, method=m.method, lambda_type=m.lambda_type,
+        lambda_init=lambda_init, meta_kind=m.meta_kind, dtype=dtype,
+    )
+    tx = pytorch_sgd(learning_rate, cfg.momentum, cfg.weight_decay, dtype)
+    meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=target_variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        meta_params=meta,
+        meta_opt_state=meta_tx.init(meta),
+    )
+
+
+# --------------------------------------------------------------------------- forward passes and losses
+
+
+def source_features(model: nn.Module, variables: PyTree, x: Array) -> list[Array]:
+    """The source's taps in eval mode, as constants. x: (B, H, W, 3) -> list of (B, H_i, W_i, C_i)."""
+    _, feats = model.apply(variables, x, train=False)
+    return [lax.stop_gradient(f) for f in feats]
+
+
+def target_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Array) -> tuple[Array, list[Array], PyTree]:
+    """Training-mode forward: (logits (B, K), taps, updated batch_stats)."""
+    (logits, feats), new_vars = model.apply(
+        {"params": params["model"], "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return logits, feats, new_vars["batch_stats"]
+
+
+class LossTerms(NamedTuple):
+    """Terms of one forward: CE, L_wfm, per-pair L_wfm (P,), logits, updated BN statistics."""
+
+    ce: Array
+    wfm: Array
+    per_pair: Array
+    logits: Array
+    batch_stats: PyTree
+
+
+def loss_terms(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Array, y: Array,
+               src_feats: list[Array], w, lam, mcfg: MatchingConfig) -> LossTerms:
+    """One training-mode forward of the target and both losses."""
+    logits, feats, new_bs = target_forward(model, params, batch_stats, x)
+    ce = transfer.cross_entropy(logits, y)
+    if mcfg.pairs:
+        wfm, per_pair = transfer.matching_loss(params["branch"], src_feats, feats, w, lam, mcfg)
+    else:
+        wfm, per_pair = jnp.zeros((), ce.dtype), jnp.zeros((0,), ce.dtype)
+    return LossTerms(ce, wfm, per_pair, logits, new_bs)
+
+
+# --------------------------------------------------------------------------- the look-ahead and its gradient
+
+
+class LookaheadAux(NamedTuple):
+    """By-products of `lookahead_loss`.
+
+    Attributes:
+      matching_loss_at_start: L_wfm at θ₁ (the first look-ahead forward).
+      inner_losses: (T,) loss of each look-ahead SGD step.
+      batch_stats: BN statistics after the first look-ahead forward (at θ₁).
+    """
+
+    matching_loss_at_start: Array
+    inner_losses: Array
+    batch_stats: PyTree
+
+
+def lookahead_loss(
+    meta_params: PyTree,
+    params: PyTree,
+    opt_state: PyTree,
+    batch_stats: PyTree,
+    x: Array,
+    y: Array,
+    src_feats: list[Array],
+    *,
+    model: nn.Module,
+    cfg: BilevelConfig,
+) -> tuple[Array, LookaheadAux]:
+    """The outer objective as a function of φ: L_org(θ⁺(φ) | x, y).
+
+    θ⁺ comes from θ₁ = `params` (with `opt_state`'s momentum and learning rate) by
+    T SGD steps on L_wfm (or L_total for the "original" scheme) and, for the
+    "proposed" and "first_order" schemes, one SGD step on L_org. BN is in training
+    mode in every forward. `jax.grad` of this function is the exact meta-gradient.
+
+    Args:
+      meta_params: φ.
+      params, opt_state, batch_stats: the target after the real step.
+      x: (B, H, W, 3) batch; y: (B,) labels; src_feats: the source's taps on x.
+    Returns:
+      (outer loss, LookaheadAux).
+    """
+    mcfg = cfg.matching
+    tx = _sgd_like(opt_state)
+    w, lam = transfer.meta_outputs(meta_params, transfer.pool(src_feats), mcfg)
+    first_order = cfg.scheme == "first_order"
+
+    def inner_step(carry, _):
+        p, s = carry
+
+        def objective(q):
+            t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg)
+            return (t.wfm + t.ce if cfg.scheme == "original" else t.wfm), t.batch_stats
+
+        at = lax.stop_gradient(p) if first_order else p
+        (loss, new_bs), grads = jax.value_and_grad(objective, has_aux=True)(at)
+        p, s = sgd_apply(tx, p, s, grads, grad_mask(objective, p))
+        return (p, s), (loss, new_bs)
+
+    if cfg.remat:
+        inner_step = jax.checkpoint(inner_step)
+    (p, s), (inner_losses, stats) = lax.scan(inner_step, (params, opt_state), None, length=cfg.T)
+    first_bs = jax.tree.map(lambda a: a[0], stats)
+    if cfg.scheme != "original":
+
+        def ce_only(q):
+            logits, _, _ = target_forward(model, q, batch_stats, x)
+            return transfer.cross_entropy(logits, y)
+
+        at = lax.stop_gradient(p) if first_order else p
+        p, s = sgd_apply(tx, p, s, jax.grad(ce_only)(at), grad_mask(ce_only, p))
+    logits, _, _ = target_forward(model, p, batch_stats, x)
+    outer = transfer.cross_entropy(logits, y)
+    return outer, LookaheadAux(inner_losses[0], inner_losses, first_bs)
+
+
+def meta_gradient(
+    meta_params: PyTree,
+    params: PyTree,
+    opt_state: PyTree,
+    batch_stats: PyTree,
+    x: Array,
+    y: Array,
+    src_feats: list[Array],
+    *,
+    model: nn.Module,
+    cfg: BilevelConfig,
+) -> tuple[PyTree, Array, LookaheadAux]:
+    """∇_φ of `lookahead_loss` (exact, through every step). Returns (grads like φ, outer loss, aux)."""
+    (outer, aux), grads = jax.value_and_grad(lookahead_loss, has_aux=True)(
+        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg
+    )
+    return grads, outer, aux
+
+
+def _sgd_like(opt_state: optax.InjectHyperparamsState) -> optax.GradientTransformation:
+    """The `pytorch_sgd` transformation whose state `opt_state` is (hyperparameters live in the state)."""
+    dtype = opt_state.hyperparams["learning_rate"].dtype
+    return pytorch_sgd(0.0, 0.0, 0.0, dtype)
+# --------------------------------------------------------------------------- one training iteration
+
+
+def train_step(
+    state: TrainState,
+    source_variables: PyTree,
+    x: Array,
+    y: Array,
+    lr: Array,
+    *,
+    models: Models,
+    cfg: BilevelConfig,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One iteration: real SGD step on L_total, meta step on φ (if the method has one).
+
+    Args:
+      state: the `TrainState`.
+      source_variables: the source's {"params", "batch_stats"} (unused for "scratch").
+      x: (B, H, W, 3) normalised images; y: (B,) int labels.
+      lr: this iteration's learning rate of θ (scalar).
+      models: target and source modules; cfg: the static configuration.
+
+    Returns:
+      (new state, metrics): "loss" (L_total), "ce", "wfm", "accuracy" (top-1 of the real
+      step's forward, in [0, 1]), "lambda" (P,) batch-mean λ per pair, and with a meta
+      step "outer_loss", "matching_loss_at_start", "meta_grad_norm".
+    """
+    mcfg = cfg.matching
+    src_feats = source_features(models.source, source_variables, x) if mcfg.pairs else []
+    w, lam = transfer.meta_outputs(lax.stop_gradient(state.meta_params), transfer.pool(src_feats), mcfg)
+
+    # 1. real step
+    def total(q):
+        t = loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg)
+        return t.ce + t.wfm, t
+
+    (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+    opt_state = with_learning_rate(state.opt_state, lr)
+    params, opt_state = sgd_apply(_sgd_like(opt_state), state.params, opt_state, grads, grad_mask(total, state.params))
+    batch_stats = terms.batch_stats
+    metrics = {
+        "loss": loss,
+        "ce": terms.ce,
+        "wfm": terms.wfm,
+        "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
+        "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
+    }
+    meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
+
+    # 2. meta step
+    if cfg.has_meta_step:
+        meta_grads, outer, aux = meta_gradient(
+            meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg
+        )
+        meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
+        updates, meta_opt_state = meta_tx.update(meta_grads, meta_opt_state, meta_params)
+        meta_params = optax.apply_updates(meta_params, updates)
+        if cfg.bn_updates == "reference":
+            batch_stats = aux.batch_stats
+        metrics.update(
+            outer_loss=outer,
+            matching_loss_at_start=aux.matching_loss_at_start,
+            meta_grad_norm=optax.global_norm(meta_grads),
+        )
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        meta_params=meta_params,
+        meta_opt_state=meta_opt_state,
+    )
+    return new_state, metrics
+
+
+def make_train_step(models: Models, cfg: BilevelConfig, *, donate: bool = True) -> Callable:
+    """`train_step` jit-compiled for these models and config, the state's buffers donated.
+
+    Returns:
+      f(state, source_variables, x, y, lr) -> (state, metrics).
+    """
+    fn = functools.partial(train_step, models=models, cfg=cfg)
+    return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def eval_step(model: nn.Module, variables: PyTree, x: Array, y: Array) -> dict[str, Array]:
+    """Eval-mode forward: {"correct": number of top-1 hits, "loss_sum": summed CE, "count"}."""
+    logits, _ = model.apply(variables, x, train=False)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nll = -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), -1)[:, 0]
+    return {
+        "correct": jnp.sum(jnp.argmax(logits, -1) == y),
+        "loss_sum": jnp.sum(nll),
+        "count": jnp.asarray(y.shape[0]),
+    }
+
+
+def target_variables(state: TrainState) -> PyTree:
+    """The target network's {"params", "batch_stats"} (the branch is not needed at test time)."""
+    return {"params": state.params["model"], "batch_stats": state.batch_stats}

@@ -1,0 +1,204 @@
+"""Layers with PyTorch semantics, in NHWC.
+
+Every layer here computes what its PyTorch namesake computes, so that weights
+imported from the reference produce the same numbers:
+
+* `Conv2d`: explicit symmetric padding (never Flax's "SAME", which pads
+  stride-2 convolutions asymmetrically); two lowerings, XLA's convolution or an
+  im2col matmul (pad + k*k shifted slices + one matmul), numerically the same
+  convolution. The matmul lowering is much faster on XLA's CPU backend for small
+  maps and for second-order differentiation (see ENVIRONMENT.md).
+* `BatchNorm`: batch statistics in training mode, biased variance for the
+  normalisation, *unbiased* variance for the running estimate, momentum 0.1 in
+  PyTorch's convention, eps 1e-5.
+* `Linear`: PyTorch's default initialisation unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+#: Convolution lowerings: "xla" (lax.conv_general_dilated), "im2col" (matmul),
+#: "auto" (im2col on CPU, XLA's convolution elsewhere).
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def conv_kaiming_normal_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """N(0, sqrt(2 / (kh * kw * C_out))) for an HWIO kernel (the reference's conv init)."""
+    kh, kw, _, cout = shape
+    std = math.sqrt(2.0 / (kh * kw * cout))
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def torch_linear_uniform(fan_in: int) -> Initializer:
+    """PyTorch's default Linear/Conv init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """Maps "auto" to the lowering that is fast on the default backend."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv_impl {impl!r}; expected one of {CONV_IMPLS}")
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def im2col_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """Convolution as pad + shifted slices + one matmul.
+
+    Args:
+      x: (B, H, W, C_in).
+      kernel: (kh, kw, C_in, C_out), HWIO.
+      stride: spatial stride.
+      padding: symmetric zero padding on each side.
+
+    Returns:
+      (B, H_out, W_out, C_out) with H_out = (H + 2p - kh) // stride + 1.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    _, hp, wp, _ = x.shape
+    ho = (hp - kh) // stride + 1
+    wo = (wp - kw) // stride + 1
+    if kh == 1 and kw == 1:
+        patches = x[:, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride, :]
+    else:
+        cols = [
+            x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        patches = jnp.concatenate(cols, axis=-1)
+    out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    return out.reshape(x.shape[0], ho, wo, cout)
+
+
+def xla_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+    """The same convolution through `lax.conv_general_dilated` (shapes as `im2col_conv`)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+class Conv2d(nn.Module):
+    """`torch.nn.Conv2d` in NHWC with an HWIO kernel ("kernel") and optional "bias"."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    use_bias: bool = False
+    impl: str = "auto"
+    kernel_init: Initializer = conv_kaiming_normal_fan_out
+    bias_init: Initializer | None = None  # default: zeros
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        impl = resolve_conv_impl(self.impl)
+        conv = im2col_conv if impl == "im2col" else xla_conv
+        y = conv(x, kernel.astype(x.dtype), self.stride, self.padding)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init or nn.initializers.zeros, (self.features,))
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm2d` (or 1d over the last axis) with PyTorch's exact semantics.
+
+    Params: "scale" (gamma, init 1), "bias" (beta, init 0). Collection
+    "batch_stats": "mean", "var" (running estimates, init 0 / 1) and
+    "num_batches_tracked" (int32 counter, as PyTorch keeps it).
+    """
+
+    momentum: float = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        axes = tuple(range(x.ndim - 1))
+        if train:
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / max(n - 1, 1))
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * lax.stop_gradient(mean).astype(ra_mean.value.dtype)
+                ra_var.value = (1 - m) * ra_var.value + m * lax.stop_gradient(unbiased).astype(ra_var.value.dtype)
+                count.value = count.value + 1
+        else:
+            mean = ra_mean.value.astype(x.dtype)
+            var = ra_var.value.astype(x.dtype)
+        inv = lax.rsqrt(var + self.epsilon) * scale.astype(x.dtype)
+        return (x - mean) * inv + bias.astype(x.dtype)
+
+
+class Linear(nn.Module):
+    """`torch.nn.Linear` with "kernel" (in, out) and "bias"; PyTorch's default init unless given."""
+
+    features: int
+    kernel_init: Initializer | None = None
+    bias_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        fan_in = x.shape[-1]
+        default = torch_linear_uniform(fan_in)
+        kernel = self.param("kernel", self.kernel_init or default, (fan_in, self.features))
+        bias = self.param("bias", self.bias_init or default, (self.features,))
+        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """`nn.MaxPool2d(2, 2)` as a reshape + max (XLA's CPU reduce_window is slow here).
+
+    Args:
+      x: (B, H, W, C); odd trailing rows/columns are dropped as PyTorch does.
+    Returns:
+      (B, H // 2, W // 2, C).
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def max_pool_3x3_s2_p1(x: Array) -> Array:
+    """`nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` (padding never wins: -inf)."""
+    return lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        window_dimensions=(1, 3, 3, 1),
+        window_strides=(1, 2, 2, 1),
+        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    )
