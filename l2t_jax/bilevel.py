@@ -110,27 +110,37 @@ def sgd_apply(
 
 
 def grad_mask(loss_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree:
-    """Which leaves of `params` the (first) output of `loss_fn` depends on, structurally.
+    """Which leaves of `params` get a gradient from the (first) output of `loss_fn`.
 
     This is PyTorch's "the parameter has a .grad after backward": a parameter that
-    takes no part in the loss (the classifier during matching-only steps, the
-    matching branch during a cross-entropy step) gets no gradient and SGD skips it.
-    Computed from the jaxpr at trace time (no run-time cost).
+    takes no differentiable part in the loss (the classifier during matching-only
+    steps, the matching branch during a cross-entropy step, a leaf seen only through
+    `stop_gradient` or a comparison) gets none and SGD skips it; a leaf whose
+    gradient merely happens to be zero (×0, a dead ReLU) counts as having one.
+    Decided from the tangent flow of the loss's JVP program at trace time (no
+    run-time cost).
 
     Returns:
       A pytree of Python bools with the structure of `params`.
     """
     leaves, treedef = jax.tree.flatten(params)
-    closed = jax.make_jaxpr(lambda *ls: loss_fn(jax.tree.unflatten(treedef, ls)))(*leaves)
-    n_out = len(closed.jaxpr.outvars)
-    used_out = [True] + [False] * (n_out - 1)
+    n = len(leaves)
+
+    def first_output(*ls):
+        out = loss_fn(jax.tree.unflatten(treedef, ls))
+        return out[0] if isinstance(out, tuple) else out
+
+    def tangent_out(*primals_and_tangents):
+        return jax.jvp(first_output, primals_and_tangents[:n], primals_and_tangents[n:])[1]
+
+    closed = jax.make_jaxpr(tangent_out)(*leaves, *leaves)
     try:
         from jax._src.interpreters import partial_eval as pe
 
-        _, used = pe.dce_jaxpr(closed.jaxpr, used_out, instantiate=False)
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True], instantiate=False)
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - conservative fallback
-        used = _used_inputs_conservative(closed.jaxpr, used_out)
-    return jax.tree.unflatten(treedef, [bool(u) for u in used])
+        used = _used_inputs_conservative(closed.jaxpr, [True])
+    return jax.tree.unflatten(treedef, [bool(u) for u in used[n:]])
 
 
 def _used_inputs_conservative(jaxpr, used_outputs) -> list[bool]:

@@ -1,0 +1,307 @@
+"""Exactness of the meta-gradient and the semantics of one training iteration.
+
+Small networks in float64: central finite differences of the outer loss along
+random directions of φ, JVP·v = v·VJP, an independent hand-written unroll
+(plain arrays, PyTorch's SGD rule written out), and `train_step`'s bookkeeping
+(look-ahead discarded, BN statistics updated twice, Adam on φ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2t_jax import bilevel, transfer
+from l2t_jax.models.vgg import VGG
+
+F64 = jnp.float64
+TARGET = VGG(cfg=(4, "M", 6, "M"), num_classes=3, conv_impl="xla")
+SOURCE = VGG(cfg=(3, "M", 5, "M"), num_classes=4, conv_impl="xla")
+SRC_CH, TGT_CH = (3, 5), (4, 6)
+PAIRS = ((0, 0), (0, 1), (1, 0), (1, 1))  # includes 2x down- and up-scaling
+
+
+def _f64(tree):
+    return jax.tree.map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def _random_like(key, tree, scale=1.0):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+
+
+def _vdot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(method="l2t_ww", lambda_type="relu6", T=2, momentum=0.9, scheme="proposed", pairs=PAIRS, meta_kind="network"):
+    """A mid-training state: non-zero momentum buffers, BN statistics and meta-network weights."""
+    x = jax.random.normal(jax.random.key(0), (6, 8, 8, 3), F64)
+    y = jnp.array([0, 1, 2, 1, 0, 2])
+    tv = _f64(TARGET.init(jax.random.key(1), x, train=False))
+    sv = _f64(SOURCE.init(jax.random.key(2), x, train=False))
+    cfg = bilevel.BilevelConfig(
+        matching=transfer.MatchingConfig(pairs=pairs, method=method, lambda_type=lambda_type, meta_kind=meta_kind),
+        T=T, momentum=momentum, scheme=scheme,
+    )
+    models = bilevel.Models(TARGET, SOURCE)
+    state = bilevel.create_train_state(jax.random.key(3), models, cfg, tv, source_channels=SRC_CH, target_channels=TGT_CH)
+    buffers = _random_like(jax.random.key(5), state.params, 0.05)
+    stats = jax.tree.map(lambda a: jnp.abs(a) + 0.5 if a.dtype == F64 else a + 7,
+                         _random_like(jax.random.key(6), _floats_only(state.batch_stats)))
+    state = state.replace(
+        opt_state=bilevel.with_momentum_buffers(bilevel.with_learning_rate(state.opt_state, 0.1), buffers),
+        batch_stats=_merge_counts(stats, state.batch_stats),
+        meta_params=jax.tree.map(lambda a, r: a + r, state.meta_params,
+                                 _random_like(jax.random.key(4), state.meta_params, 0.3)),
+    )
+    return cfg, state, sv, x, y
+
+
+def _floats_only(stats):
+    return jax.tree.map(lambda a: a if jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros((), F64), stats)
+
+
+def _merge_counts(random_stats, stats):
+    return jax.tree.map(lambda r, a: r if jnp.issubdtype(a.dtype, jnp.floating) else a, random_stats, stats)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _outer_value_and_grad(phi, params, opt_state, bs, x, y, sv, *, cfg):
+    feats = bilevel.source_features(SOURCE, sv, x)
+    loss = lambda p: bilevel.lookahead_loss(p, params, opt_state, bs, x, y, feats, model=TARGET, cfg=cfg)[0]  # noqa: E731
+    return jax.value_and_grad(loss)(phi)
+
+
+def _outer_fn(cfg, state, sv, x, y):
+    """φ -> (outer loss, ∇_φ), one compiled function; the state passed as arguments."""
+    return lambda phi: _outer_value_and_grad(phi, state.params, state.opt_state, state.batch_stats, x, y, sv, cfg=cfg)
+
+
+CASES = {
+    "proposed_T2": {},
+    "T1_momentum0": {"T": 1, "momentum": 0.0},
+    "T3_const_sparse": {"T": 3, "lambda_type": "const", "pairs": ((1, 0), (0, 1))},
+    "lambda_relu_avg": {"lambda_type": "relu-avg"},
+    "l2t_w": {"method": "l2t_w"},
+    "original_scheme": {"scheme": "original"},
+    "meta_weights": {"meta_kind": "weights"},
+}
+
+
+def _norm(tree):
+    return jnp.sqrt(_vdot(tree, tree))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_meta_gradient_matches_central_finite_differences(name):
+    """Directional derivatives along the gradient itself (strict relative error) and along
+    random directions (error relative to |g||v|), step 1e-6, float64."""
+    cfg, state, sv, x, y = _setup(**CASES[name])
+    f = _outer_fn(cfg, state, sv, x, y)
+    phi = state.meta_params
+    _, grad = f(phi)
+    gnorm = float(_norm(grad))
+    assert gnorm > 1e-6, "vanishing meta-gradient: the test would not test anything"
+    directions = [jax.tree.map(lambda g: g / gnorm, grad)]
+    directions += [_random_like(jax.random.key(100 + k), phi) for k in range(2)]
+    eps = 1e-6
+    for k, v in enumerate(directions):
+        plus = f(jax.tree.map(lambda p, d: p + eps * d, phi, v))[0]
+        minus = f(jax.tree.map(lambda p, d: p - eps * d, phi, v))[0]
+        fd = (plus - minus) / (2 * eps)
+        an = _vdot(grad, v)
+        scale = abs(an) if k == 0 else gnorm * float(_norm(v))
+        assert abs(fd - an) <= 1e-6 * scale, (name, k, float(fd), float(an))
+
+
+@pytest.mark.parametrize("name", ["proposed_T2", "T3_const_sparse"])
+def test_jvp_equals_vjp(name):
+    cfg, state, sv, x, y = _setup(**CASES[name])
+    feats = bilevel.source_features(SOURCE, sv, x)
+
+    def f(phi, params, opt_state, bs):
+        return bilevel.lookahead_loss(phi, params, opt_state, bs, x, y, feats, model=TARGET, cfg=cfg)[0]
+
+    phi = state.meta_params
+    v = _random_like(jax.random.key(7), phi)
+    args = (state.params, state.opt_state, state.batch_stats)
+    _, jvp = jax.jit(lambda p, t, *a: jax.jvp(lambda q: f(q, *a), (p,), (t,)))(phi, v, *args)
+    vjp = _vdot(jax.jit(jax.grad(f))(phi, *args), v)
+    assert abs(jvp - vjp) <= 1e-12 * abs(vjp)
+
+
+def _hand_unrolled_outer(phi, cfg, state, sv, x, y):
+    """The look-ahead written out independently: plain pytrees, PyTorch's SGD rule by hand,
+    parameters without a gradient path skipped (the classifier during matching steps)."""
+    lr = state.opt_state.hyperparams["learning_rate"]
+    mom, wd = cfg.momentum, cfg.weight_decay
+    feats = bilevel.source_features(SOURCE, sv, x)
+    pooled = [f.mean(axis=(1, 2)) for f in feats]
+    theta = state.params
+    buf = bilevel.momentum_buffers(state.opt_state)
+    bs = state.batch_stats
+
+    def forward(th):
+        (logits, tf), _ = TARGET.apply({"params": th["model"], "batch_stats": bs}, x, train=True, mutable=["batch_stats"])
+        return logits, tf
+
+    def wfm(th):
+        _, tf = forward(th)
+        total = 0.0
+        for i, (m, n) in enumerate(cfg.matching.pairs):
+            s = feats[m]
+            if s.shape[1] != tf[n].shape[1]:
+                s = transfer.resize_bilinear(s, tf[n].shape[2] / s.shape[2])
+            r = tf[n] @ th["branch"][i]["kernel"] + th["branch"][i]["bias"]
+            d = ((s - r) ** 2).mean(axis=(1, 2))
+            w = jax.nn.softmax(pooled[m] @ phi["w"][i]["kernel"] + phi["w"][i]["bias"], axis=-1)
+            lam = jnp.clip(pooled[m] @ phi["lw"][i]["kernel"] + phi["lw"][i]["bias"], 0, 6)[:, 0]
+            total = total + cfg.matching.beta * jnp.mean((d * w).sum(1) * lam)
+        return total
+
+    def ce(th):
+        logits, _ = forward(th)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y])
+
+    def step(th, b, loss, frozen):
+        g = jax.grad(loss)(th)
+
+        def update(path, p, gg, bb):
+            if any(frozen(str(k)) for k in path):
+                return (p, bb)
+            nb = mom * bb + gg + wd * p  # buf <- momentum * buf + (grad + wd * θ)
+            return (p - lr * nb, nb)
+
+        out = jax.tree_util.tree_map_with_path(update, th, g, b)
+        is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+        return (jax.tree.map(lambda t: t[0], out, is_leaf=is_pair), jax.tree.map(lambda t: t[1], out, is_leaf=is_pair))
+
+    for _ in range(cfg.T):
+        theta, buf = step(theta, buf, wfm, lambda k: "fc" in k)  # the classifier gets no matching gradient
+    theta, buf = step(theta, buf, ce, lambda k: "branch" in k)  # the branch gets no CE gradient
+    return ce(theta)
+
+
+def test_lookahead_equals_hand_written_unroll():
+    cfg, state, sv, x, y = _setup()
+    value, g = _outer_fn(cfg, state, sv, x, y)(state.meta_params)
+    hv, gh = jax.jit(jax.value_and_grad(lambda p: _hand_unrolled_outer(p, cfg, state, sv, x, y)))(state.meta_params)
+    np.testing.assert_allclose(value, hv, rtol=1e-13)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(gh)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_classifier_is_frozen_during_matching_steps_and_that_matters():
+    """PyTorch skips parameters whose .grad is None; updating them with zero gradients
+    (weight decay + momentum) would give a different outer loss."""
+    cfg, state, sv, x, y = _setup()
+    feats = bilevel.source_features(SOURCE, sv, x)
+    w, lam = transfer.meta_outputs(state.meta_params, transfer.pool(feats), cfg.matching)
+
+    def objective(q):
+        t = bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam, cfg.matching)
+        return t.wfm, t.batch_stats
+
+    mask = bilevel.grad_mask(objective, state.params)
+    assert mask["model"]["fc"] == {"kernel": False, "bias": False}
+    assert all(jax.tree.leaves(mask["branch"])) and mask["model"]["conv0"]["kernel"]
+    ce_mask = bilevel.grad_mask(lambda q: bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam,
+                                                             cfg.matching).ce, state.params)
+    assert not any(jax.tree.leaves(ce_mask["branch"])) and ce_mask["model"]["fc"]["kernel"]
+    # the mask changes the result: SGD on every leaf would move the classifier
+    tx = bilevel.pytorch_sgd(0.1, 0.9, 1e-4, F64)
+    grads = jax.grad(lambda q: objective(q)[0])(state.params)
+    masked, _ = bilevel.sgd_apply(tx, state.params, state.opt_state, grads, mask)
+    unmasked, _ = bilevel.sgd_apply(tx, state.params, state.opt_state, grads)
+    np.testing.assert_array_equal(masked["model"]["fc"]["kernel"], state.params["model"]["fc"]["kernel"])
+    assert not np.allclose(unmasked["model"]["fc"]["kernel"], state.params["model"]["fc"]["kernel"])
+
+
+def test_first_order_differs_from_exact():
+    cfg, state, sv, x, y = _setup()
+    exact = _outer_fn(cfg, state, sv, x, y)(state.meta_params)[1]
+    fo_cfg = dataclasses.replace(cfg, scheme="first_order")
+    fo = _outer_fn(fo_cfg, state, sv, x, y)(state.meta_params)[1]
+    num = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(fo)))
+    den = sum(jnp.sum(a**2) for a in jax.tree.leaves(exact))
+    assert float(jnp.sqrt(num / den)) > 1e-3
+
+
+def test_remat_gives_the_same_meta_gradient():
+    cfg, state, sv, x, y = _setup()
+    g1 = _outer_fn(cfg, state, sv, x, y)(state.meta_params)[1]
+    g2 = _outer_fn(dataclasses.replace(cfg, remat=True), state, sv, x, y)(state.meta_params)[1]
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("bn_updates,method,expected", [("reference", "l2t_ww", 2), ("single", "l2t_ww", 1),
+                                                         ("reference", "fm", 1)])
+def test_train_step_bookkeeping(bn_updates, method, expected):
+    cfg, state, sv, x, y = _setup()
+    cfg = dataclasses.replace(cfg, bn_updates=bn_updates,
+                              matching=dataclasses.replace(cfg.matching, method=method))
+    if method == "fm":
+        state = state.replace(meta_params={}, meta_opt_state=bilevel.pytorch_adam().init({}))
+    step = bilevel.make_train_step(bilevel.Models(TARGET, SOURCE), cfg, donate=False)
+    new, metrics = step(state, sv, x, y, 0.05)
+    count = lambda s: int(s["bn0"]["num_batches_tracked"])  # noqa: E731
+    assert count(new.batch_stats) - count(state.batch_stats) == expected
+    assert int(new.step) == int(state.step) + 1
+    assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+
+    # θ is the real step's θ₁ (the look-ahead is discarded), at this iteration's lr
+    feats = bilevel.source_features(SOURCE, sv, x)
+    w, lam = transfer.meta_outputs(state.meta_params, transfer.pool(feats), cfg.matching)
+
+    def total(q):
+        t = bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam, cfg.matching)
+        return t.ce + t.wfm, t
+
+    grads, terms = jax.grad(total, has_aux=True)(state.params)
+    tx = bilevel.pytorch_sgd(0.05, cfg.momentum, cfg.weight_decay, F64)
+    theta1, opt1 = bilevel.sgd_apply(tx, state.params, bilevel.with_learning_rate(state.opt_state, 0.05), grads)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(theta1)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(jax.tree.leaves(bilevel.momentum_buffers(new.opt_state)), jax.tree.leaves(bilevel.momentum_buffers(opt1))):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    if method == "fm":
+        assert new.meta_params == {}
+        if bn_updates == "reference":
+            np.testing.assert_allclose(new.batch_stats["bn1"]["var"], terms.batch_stats["bn1"]["var"], rtol=1e-14)
+        return
+    # φ moved by exactly one PyTorch-Adam step on the meta-gradient at θ₁
+    g, outer, _ = bilevel.meta_gradient(state.meta_params, theta1, opt1, terms.batch_stats, x, y, feats,
+                                        model=TARGET, cfg=cfg)
+    np.testing.assert_allclose(metrics["outer_loss"], outer, rtol=1e-12)
+    adam = bilevel.pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
+    upd, _ = adam.update(g, state.meta_opt_state, state.meta_params)
+    expected_phi = optax.apply_updates(state.meta_params, upd)
+    for a, b in zip(jax.tree.leaves(new.meta_params), jax.tree.leaves(expected_phi)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_lambdas_differ_by_pair_after_training():
+    cfg, state, sv, x, y = _setup()
+    step = bilevel.make_train_step(bilevel.Models(TARGET, SOURCE), cfg, donate=False)
+    _, metrics = step(state, sv, x, y, 0.1)
+    lam = np.asarray(metrics["lambda"])
+    assert lam.shape == (len(PAIRS),) and np.ptp(lam) > 1e-3
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="scheme"):
+        bilevel.BilevelConfig(scheme="magic")
+    with pytest.raises(ValueError, match="T must be"):
+        bilevel.BilevelConfig(T=0)
+    with pytest.raises(ValueError, match="bn_updates"):
+        bilevel.BilevelConfig(bn_updates="double")
