@@ -38,6 +38,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from l2t_jax import transfer
+
 __all__ = [
     "WeightImportError",
     "TorchEntry",
@@ -53,7 +55,6 @@ __all__ = [
     "save_variables",
     "load_variables",
     "load_weights",
-    "parse_pairs",
     "load_reference_run",
     "save_reference_run",
 ]
@@ -909,30 +910,6 @@ class ReferenceRun:
     torch_layout: TorchLayout | None = None
 
 
-def parse_pairs(pairs: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """Parses "m-n,m-n,..." (the reference's flag) or a sequence of (m, n).
-
-    Args:
-      pairs: the pairs.
-
-    Returns:
-      [(m, n), ...].
-    """
-    if isinstance(pairs, str):
-        out = []
-        for item in pairs.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            try:
-                m, n = item.split("-")
-                out.append((int(m), int(n)))
-            except ValueError:
-                raise ValueError(f"bad pair {item!r} in {pairs!r}; expected 'm-n,...'") from None
-        return out
-    return [(int(m), int(n)) for m, n in pairs]
-
-
 def _is_buffer_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in _BUFFER_NAMES
 
@@ -1007,7 +984,7 @@ def load_reference_run(
     ck = read_torch_file(path)
     if not isinstance(ck, Mapping):
         raise WeightImportError(f"{path}: expected the reference's run state dict, got {type(ck).__name__}")
-    pairs = parse_pairs(pairs)
+    pairs = list(transfer.parse_pairs(pairs))
     what = f"{path}"
     target_sd = _require(ck, "target_model", what)
     branch_sd = _require(ck, "target_branch", what)

@@ -12,6 +12,7 @@ import torch
 
 from conftest import require_shared
 from l2t_jax import weights as W
+from l2t_jax.transfer import parse_pairs
 from l2t_jax.models import available_models, model_info
 from torch_reference import make_torch_model, perturb_
 
@@ -259,7 +260,7 @@ def _torch_branch(pairs, src_ch, tgt_ch):
 def test_reference_run_matches_pytorch_optimizer_state():
     run, case = _stl10_run()
     ck = torch.load(case / "checkpoint.pth", map_location="cpu", weights_only=True)
-    pairs = W.parse_pairs(STL10_PAIRS)
+    pairs = list(parse_pairs(STL10_PAIRS))
     assert run.pairs == pairs and run.num_classes == 10 and run.model_name == "vgg9_bn"
     assert run.hyper == {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
     assert run.has_momentum_buffers
@@ -383,9 +384,3 @@ def test_save_reference_run_without_layout_round_trips(tmp_path):
     assert tree_equal(back.variables, run.variables) and tree_equal(back.momentum, run.momentum)
     assert tree_equal(back.branch, run.branch) and tree_equal(back.meta_params, run.meta_params)
 
-
-def test_parse_pairs():
-    assert W.parse_pairs("4-0, 9-1,") == [(4, 0), (9, 1)]
-    assert W.parse_pairs([[1, 2]]) == [(1, 2)]
-    with pytest.raises(ValueError, match="bad pair"):
-        W.parse_pairs("4:0")
