@@ -137,3 +137,20 @@ def _init(model: nn.Module, key: jax.Array, image_size: int) -> Any:
 def init_model(model: nn.Module, key: jax.Array, image_size: int) -> dict:
     """Randomly initialised variables {"params", "batch_stats"} (jit-compiled once per shape)."""
     return _init(model, key, image_size)
+
+
+# --------------------------------------------------------------------------- tiny models (quickstart, tests)
+# Small members of the same families, cheap enough for a 2-core CPU: the offline
+# quickstart (digits) and the runner's tests use them.
+register_model(_cifar_resnet(8))  # CIFAR ResNet with one block per stage: taps (16, 32, 64) at 32, 16, 8 px
+VGG_TINY_CFG = (16, "M", 32, "M", 64, "M")
+register_model(
+    ModelInfo(
+        name="vgg_tiny",
+        family="vgg",
+        build=lambda num_classes, conv_impl: VGG(VGG_TINY_CFG, num_classes, conv_impl),
+        tap_channels=(16, 32, 64),
+        stage_end_taps=(0, 1, 2),
+        image_size=16,
+    )
+)

@@ -1,0 +1,37 @@
+"""Limited-data CIFAR-10: N labelled images per class, TinyImageNet ResNet32 -> VGG9-bn (32 px).
+
+Paper (Section 3.3, Figure 5): CIFAR-10 with N training images per class (the figure
+spans N = 25 ... 500 — e.g. --config.n_per_class=25/50/100/250/500), comparing
+scratch, LwF, AT, LwF+AT and L2T-ww; same optimisation as the 32 px tasks (SGD 0.9,
+wd 1e-4, lr 0.1 cosine, β 0.5, T 2, Adam 1e-4 on φ; the paper trains 200 epochs at
+batch 128 — with N = 25 that is 2 steps an epoch, so set --config.epochs to taste).
+
+Data: the CIFAR-10 JPEG image folder shipped as ../shared/data/cifar10-jpeg.tar
+(train/<class>/*.jpg, test/<class>/*.jpg; re-encoded JPEGs, so absolute accuracies
+run a few points below the PNG originals). Extract it once, e.g.
+    mkdir -p ~/data/cifar10-jpeg && tar xf ../shared/data/cifar10-jpeg.tar -C ~/data/cifar10-jpeg
+and point --config.data_dir at the parent ($L2T_DATA or ~/data by default).
+10 % of every training class is held out for validation first; the N images per
+class are then drawn (seeded) from the remaining training images.
+Source: the authors' tinyimagenet-resnet32.pth.tar under $L2T_SHARED/reference
+($L2T_SHARED defaults to ../shared beside the repository).
+"""
+
+from l2t_jax.run_config import base_config, data_path, shared_path
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "folder:cifar10-jpeg"
+    c.data_dir = data_path("")
+    c.image_size = 32
+    c.n_per_class = 50
+    c.batch_size = 128
+    c.epochs = 200
+    c.method = "l2t_ww"
+    c.pairs = "all_to_all"
+    c.source_model = "resnet32"
+    c.source_weights = shared_path("reference/tinyimagenet-resnet32.pth.tar")
+    c.source_num_classes = 200
+    c.target_model = "vgg9_bn"
+    return c

@@ -1,0 +1,37 @@
+"""Stanford Dogs (120 breeds) from the ImageNet ResNet34 into ResNet18 (224 px).
+
+Paper (Table 1, 224x224 scale): source torchvision ResNet34 pretrained on ImageNet,
+target ResNet18 from scratch; SGD momentum 0.9, wd 1e-4, lr 0.1 cosine over 200
+epochs, batch 64; β = 0.5, T = 2, Adam 1e-4 (wd 1e-4) on φ; RandomResizedCrop(224) +
+flip for training, Resize(256) + CenterCrop(224) for evaluation, ImageNet
+normalisation. Reported top-1: scratch 58.08, FM single 66.05, FM one-to-one 67.25,
+L2T-w single 69.16, L2T-w one-to-one 69.84, L2T-ww 78.08 (Appendix C on CUB/MIT67/Stanford40:
+meta-weights instead of meta-networks --config.meta_kind=weights; the original
+bilevel scheme --config.scheme=original).
+
+--config.method=scratch|fm|l2t_w|l2t_ww; pairs all_to_all (the reference's 16 pairs
+{1..4}-{1..4}) for L2T-ww, "single" / "one_to_one" for FM and L2T-w.
+Source weights: a torchvision resnet34 state dict (e.g. resnet34-333f7ec4.pth), by
+default $L2T_SHARED/weights/resnet34.pth; pass --config.source_weights=PATH.
+Data: tfds "stanford_dogs" (array_record) under --config.data_dir; 10 % of every
+training class held out for validation.
+"""
+
+from l2t_jax.run_config import base_config, shared_path
+
+
+def get_config():
+    c = base_config()
+    c.dataset = "tfds:stanford_dogs"
+    c.data_dir = ""  # tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.image_size = 224
+    c.batch_size = 64
+    c.epochs = 200
+    c.method = "l2t_ww"
+    c.pairs = "all_to_all"
+    c.source_model = "resnet34"
+    c.source_weights = shared_path("weights/resnet34.pth")
+    c.source_num_classes = 1000
+    c.target_model = "resnet18"
+    c.eval_batch_size = 128
+    return c

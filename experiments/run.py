@@ -1,0 +1,106 @@
+"""Train one run (or the offline quickstart) from a config file.
+
+    python -m experiments.run --config=experiments/configs/stl10.py \\
+        --config.method=fm --config.pairs=one_to_one --workdir=runs/stl10-fm
+
+    python -m experiments.run --config=experiments/configs/quickstart.py --workdir=/tmp/qs
+
+`--config.KEY=VALUE` overrides a key of the config (an unknown key is an error).
+Rerunning the same command resumes from the newest checkpoint in `--workdir`; a
+different config on an existing run directory is refused, naming the differing keys.
+SIGINT/SIGTERM save a checkpoint and exit with status 128+signal. Errors in the
+config, data or weights are reported (exit status 2) before any training.
+See `l2t_jax/run_config.py` for every key.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/configs/*.py)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, summary, weights)")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "persistent XLA compilation cache directory (speeds up reruns; '' = none)"
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+_MAIN_STARTED = False
+
+
+def main(argv: list[str]) -> int:
+    global _MAIN_STARTED
+    _MAIN_STARTED = True
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _setup_logging()
+    import jax
+
+    if _CACHE.value:
+        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from l2t_jax import loop, run_config, weights
+
+    config = _CONFIG.value
+    try:
+        if config.get("experiment") == "quickstart":
+            from experiments import quickstart
+
+            quickstart.run_quickstart(config, _WORKDIR.value)
+        else:
+            loop.train(config, _WORKDIR.value)
+    except loop.TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 128 + (e.signum or 2)
+    except loop.NonFiniteMetricError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (run_config.ConfigError, FileNotFoundError, weights.WeightImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. bad data (too few images per class): where, then the message
+        traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_cli() -> None:
+    """`app.run(main)`, with config_flags' error for an unknown `--config.KEY` made readable."""
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as e:
+        if _MAIN_STARTED:
+            raise
+        # config_flags raises AttributeError("'KEY'[ Did you mean ...]") while parsing the flags.
+        inner = e
+        while isinstance(inner, BaseException) and inner.args:
+            inner = inner.args[0]
+        text = str(inner)
+        key = text.split("\n")[0].strip("\"'")
+        args = [a for a in sys.argv[1:] if a.startswith("--config.") and key and key in a.split("=")[0]]
+        hint = " ".join(text.split("\n")[1:]).strip()
+        print(
+            f"error: unknown config key {key!r} in {args[0] if args else 'a --config.KEY override'}"
+            f"{'; ' + hint if hint else ''} (the keys are listed in l2t_jax/run_config.py)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli()

@@ -1,0 +1,263 @@
+"""The configuration of one training run: its keys, their defaults, and their validation.
+
+Every experiment config (`experiments/configs/*.py`) starts from `base_config()`
+and overrides what its task needs. The keys, with their meaning:
+
+Data
+  dataset            "tfds:NAME" (prepared tfds dataset under data_dir), "folder:PATH"
+                     (PATH/train/<class>/*, PATH/test/<class>/*), "npz:PATH" (x, y[, x_test,
+                     y_test]) or the built-in "digits" (scikit-learn's 8x8 digits, offline).
+  data_dir           tfds data dir and base of relative folder/npz paths ("" = none).
+  classes            keep only these classes, relabelled 0..K-1 in the given order
+                     ("5-9", "0,2,4"; "" = all).
+  image_size         network input side (<= 64: pad-4/crop/flip pipeline, else 224-style).
+  resize_to          shorter-side resize applied first (STL-10: 96 -> 32); 0 = none.
+  val_fraction       fraction of every training class held out for model selection.
+  n_per_class        limited-data regime: training images kept per class, drawn from the
+                     training part after the validation split (0 = all).
+  num_workers        image decoding / augmentation threads.
+  offline            never download (tfds datasets must be prepared already).
+Schedule
+  seed, epochs, batch_size, drop_last (drop the last partial batch; the reference keeps it),
+  lr (0.1, cosine-annealed per epoch), momentum (0.9), wd (1e-4), nesterov (unsupported,
+  must stay False as in the reference).
+Transfer
+  method             "scratch" | "fm" | "l2t_w" | "l2t_ww".
+  pairs              "all_to_all" | "one_to_one" | "single" | "m-n,m-n,...".
+  beta (0.5), lambda_type ("relu6"), lambda_init (1.0), meta_kind ("network" | "weights"),
+  meta_lr (1e-4), meta_wd (1e-4), T (2), scheme ("proposed" | "original" | "first_order"),
+  bn_updates ("reference" | "single"), remat.
+Models
+  source_model, source_weights (.pth/.pth.tar/.msgpack), source_num_classes (0 = from the
+  weights), target_model, target_weights (optional initialisation; a classifier of another
+  size is re-initialised), conv_impl ("auto" | "xla" | "im2col").
+Run
+  eval_batch_size, log_every (steps between metric fetches/log lines),
+  checkpoint_every_epochs, max_checkpoints, progress_bar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import ml_collections
+
+from l2t_jax import transfer
+from l2t_jax.bilevel import BN_UPDATES, SCHEMES
+from l2t_jax.models import available_models, model_info
+from l2t_jax.models.layers import CONV_IMPLS
+
+NAMED_PAIRS = ("all_to_all", "one_to_one", "single")
+BUILTIN_DATASETS = ("digits",)
+# Keys a resumed run may change (they do not affect the numbers).
+RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline"})
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (reported before any training)."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key of a run with the reference's defaults (ResNet34 ImageNet -> ResNet18, CUB-like)."""
+    c = ml_collections.ConfigDict()
+    # data
+    c.dataset = ""
+    c.data_dir = ""
+    c.classes = ""
+    c.image_size = 224
+    c.resize_to = 0
+    c.val_fraction = 0.1
+    c.n_per_class = 0
+    c.num_workers = 4
+    c.offline = True
+    # schedule
+    c.seed = 0
+    c.epochs = 200
+    c.batch_size = 64
+    c.drop_last = False
+    c.lr = 0.1
+    c.momentum = 0.9
+    c.wd = 1e-4
+    c.nesterov = False
+    # transfer
+    c.method = "l2t_ww"
+    c.pairs = "all_to_all"
+    c.beta = 0.5
+    c.lambda_type = "relu6"
+    c.lambda_init = 1.0
+    c.meta_kind = "network"
+    c.meta_lr = 1e-4
+    c.meta_wd = 1e-4
+    c.T = 2
+    c.scheme = "proposed"
+    c.bn_updates = "reference"
+    c.remat = False
+    # models
+    c.source_model = "resnet34"
+    c.source_weights = ""
+    c.source_num_classes = 0
+    c.target_model = "resnet18"
+    c.target_weights = ""
+    c.conv_impl = "auto"
+    # run
+    c.eval_batch_size = 256
+    c.log_every = 20
+    c.checkpoint_every_epochs = 1
+    c.max_checkpoints = 2
+    c.progress_bar = True
+    return c
+
+
+def shared_path(rel: str) -> str:
+    """`rel` under the shared artefacts folder: $L2T_SHARED, else ../shared beside the repository."""
+    root = os.environ.get("L2T_SHARED") or str(Path(__file__).resolve().parents[1].parent / "shared")
+    return str(Path(root).expanduser() / rel)
+
+
+def data_path(rel: str) -> str:
+    """`rel` under the image-folder data root: $L2T_DATA, else ~/data."""
+    return str(Path(os.environ.get("L2T_DATA") or "~/data").expanduser() / rel)
+
+
+def to_plain(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUME_MUTABLE_KEYS) -> list[str]:
+    """Keys whose values differ between two plain configs, as 'key: saved -> current' lines."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in ignore:
+            continue
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+def parse_classes(spec: str) -> Optional[list[int]]:
+    """'5-9' / '0,2,4' / '0-2,7' -> list of class ids in that order; '' -> None (all)."""
+    spec = spec.replace(" ", "")
+    if not spec:
+        return None
+    out: list[int] = []
+    for item in spec.split(","):
+        lo, sep, hi = item.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError(f"bad classes {spec!r}: expected e.g. '5-9' or '0,2,4'")
+        out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+    if len(set(out)) != len(out):
+        raise ConfigError(f"bad classes {spec!r}: a class is listed twice")
+    return out
+
+
+def _choice(config, key: str, choices) -> None:
+    if config[key] not in choices:
+        raise ConfigError(f"config.{key}={config[key]!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _dataset_path(config) -> Optional[Path]:
+    """The file/folder a folder:/npz: dataset names (relative to data_dir), else None."""
+    kind, sep, rest = config.dataset.partition(":")
+    if not sep and config.dataset.endswith(".npz"):
+        kind, rest = "npz", config.dataset
+    if kind not in ("folder", "npz"):
+        return None
+    path = Path(rest).expanduser()
+    if config.data_dir and not path.is_absolute():
+        path = Path(config.data_dir).expanduser() / path
+    return path
+
+
+def resolve_pairs(config) -> tuple[tuple[int, int], ...]:
+    """The (source_tap, target_tap) pairs of the run (() for scratch)."""
+    if config.method == "scratch":
+        return ()
+    try:
+        return transfer.resolve_pairs(config.pairs, config.source_model, config.target_model, config.image_size)
+    except ValueError as e:
+        raise ConfigError(f"config.pairs={config.pairs!r}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+    """Checks everything that can be checked without loading data or weights.
+
+    Raises `ConfigError` (or `FileNotFoundError` for a missing data/weights path) with
+    a message naming the key. Returns the resolved pairs.
+    """
+    missing = sorted(set(base_config().keys()) - set(config.keys()))
+    if missing:
+        raise ConfigError(f"config lacks key(s) {missing}; start configs from l2t_jax.run_config.base_config()")
+    unknown = sorted(set(config.keys()) - set(base_config().keys()))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}")
+    _choice(config, "method", transfer.METHODS)
+    _choice(config, "scheme", SCHEMES)
+    _choice(config, "bn_updates", BN_UPDATES)
+    _choice(config, "meta_kind", transfer.META_KINDS)
+    _choice(config, "lambda_type", transfer.LAMBDA_TYPES)
+    _choice(config, "conv_impl", CONV_IMPLS)
+    positive = ("epochs", "batch_size", "T", "eval_batch_size", "log_every", "checkpoint_every_epochs",
+                "max_checkpoints", "image_size")
+    for key in positive:
+        if int(config[key]) < 1:
+            raise ConfigError(f"config.{key} must be >= 1, got {config[key]}")
+    for key in ("seed", "n_per_class", "resize_to", "source_num_classes", "num_workers"):
+        if int(config[key]) < 0:
+            raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
+    for key in ("lr", "wd", "momentum", "meta_lr", "meta_wd", "beta"):
+        if not float(config[key]) >= 0.0:
+            raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise ConfigError(f"config.val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.nesterov:
+        raise ConfigError("config.nesterov=True is not supported (the reference uses plain momentum SGD)")
+    if not config.dataset:
+        raise ConfigError("config.dataset is empty: give 'tfds:NAME', 'folder:PATH', 'npz:PATH' or 'digits'")
+    kind = config.dataset.partition(":")[0]
+    if kind not in ("tfds", "folder", "npz") + BUILTIN_DATASETS and not config.dataset.endswith(".npz"):
+        raise ConfigError(
+            f"config.dataset={config.dataset!r}: unknown source; use 'tfds:NAME', 'folder:PATH', 'npz:PATH' "
+            f"or a built-in ({', '.join(BUILTIN_DATASETS)})"
+        )
+    path = _dataset_path(config)
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"config.dataset={config.dataset!r}: {path} does not exist")
+    parse_classes(config.classes)
+    for key in ("target_model",) + (() if config.method == "scratch" else ("source_model",)):
+        if config[key] not in available_models():
+            raise ConfigError(
+                f"config.{key}={config[key]!r} is not a known model; available: {', '.join(available_models())}"
+            )
+    info = model_info(config.target_model)
+    if info.family == "cifar_resnet" and config.image_size != 32:
+        raise ConfigError(
+            f"config.target_model={config.target_model} takes 32 px images, image_size={config.image_size}"
+        )
+    pairs = resolve_pairs(config)
+    if config.method != "scratch":
+        if model_info(config.source_model).family == "cifar_resnet" and config.image_size != 32:
+            raise ConfigError(
+                f"config.source_model={config.source_model} takes 32 px images, image_size={config.image_size}"
+            )
+        if not config.source_weights:
+            raise ConfigError(f"method {config.method!r} needs config.source_weights (a .pth/.pth.tar/.msgpack file)")
+        if not os.path.isfile(os.path.expanduser(config.source_weights)):
+            raise FileNotFoundError(f"config.source_weights: weights file not found: {config.source_weights}")
+    if config.target_weights and not os.path.isfile(os.path.expanduser(config.target_weights)):
+        raise FileNotFoundError(f"config.target_weights: weights file not found: {config.target_weights}")
+    return pairs
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """One line naming the run (for logs)."""
+    src = "" if config.method == "scratch" else f"{config.source_model} -> "
+    return (
+        f"{config.method} {src}{config.target_model} on {config.dataset} "
+        f"(seed {config.seed}, {config.epochs} epochs)"
+    )
+
