@@ -152,6 +152,16 @@ def _used_inputs_conservative(jaxpr, used_outputs) -> list[bool]:
     return [v in live for v in jaxpr.invars]
 
 
+def device_mean(x: Any, axis_name: Optional[str] = None) -> Any:
+    """`lax.pmean(x, axis_name)` (every leaf), or `x` itself when `axis_name` is None.
+
+    Inside `jax.shard_map` a per-device batch mean followed by this is the global
+    batch mean (equal shards), and `jax.grad` of it with respect to a replicated
+    (device-invariant) θ is the mean of the per-device gradients, still replicated.
+    """
+    return x if axis_name is None else lax.pmean(x, axis_name)
+
+
 def pytorch_adam(learning_rate: float = 1e-4, weight_decay: float = 1e-4) -> optax.GradientTransformation:
     """`torch.optim.Adam(lr, weight_decay)`: L2 decay added to the gradient, then Adam (eps 1e-8)."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8))
@@ -329,6 +339,7 @@ def lookahead_loss(
     *,
     model: nn.Module,
     cfg: BilevelConfig,
+    axis_name: Optional[str] = None,
 ) -> tuple[Array, LookaheadAux]:
     """The outer objective as a function of φ: L_org(θ⁺(φ) | x, y).
 
@@ -341,6 +352,10 @@ def lookahead_loss(
       meta_params: φ.
       params, opt_state, batch_stats: the target after the real step.
       x: (B, H, W, 3) batch; y: (B,) labels; src_feats: the source's taps on x.
+      axis_name: inside `jax.shard_map` over the batch (per-device BN statistics), the
+        mapped axis: every loss (each look-ahead step's, the outer one) is averaged over
+        devices before it is differentiated, so each SGD step uses the mean of the
+        per-device gradients and θ stays replicated. None: one device (the default).
     Returns:
       (outer loss, LookaheadAux).
     """
@@ -354,7 +369,7 @@ def lookahead_loss(
 
         def objective(q):
             t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg)
-            return (t.wfm + t.ce if cfg.scheme == "original" else t.wfm), t.batch_stats
+            return device_mean(t.wfm + t.ce if cfg.scheme == "original" else t.wfm, axis_name), t.batch_stats
 
         at = lax.stop_gradient(p) if first_order else p
         (loss, new_bs), grads = jax.value_and_grad(objective, has_aux=True)(at)
@@ -369,12 +384,12 @@ def lookahead_loss(
 
         def ce_only(q):
             logits, _, _ = target_forward(model, q, batch_stats, x)
-            return transfer.cross_entropy(logits, y)
+            return device_mean(transfer.cross_entropy(logits, y), axis_name)
 
         at = lax.stop_gradient(p) if first_order else p
         p, s = sgd_apply(tx, p, s, jax.grad(ce_only)(at), grad_mask(ce_only, p))
     logits, _, _ = target_forward(model, p, batch_stats, x)
-    outer = transfer.cross_entropy(logits, y)
+    outer = device_mean(transfer.cross_entropy(logits, y), axis_name)
     return outer, LookaheadAux(inner_losses[0], inner_losses, first_bs)
 
 
@@ -389,10 +404,11 @@ def meta_gradient(
     *,
     model: nn.Module,
     cfg: BilevelConfig,
+    axis_name: Optional[str] = None,
 ) -> tuple[PyTree, Array, LookaheadAux]:
     """∇_φ of `lookahead_loss` (exact, through every step). Returns (grads like φ, outer loss, aux)."""
     (outer, aux), grads = jax.value_and_grad(lookahead_loss, has_aux=True)(
-        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg
+        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg, axis_name=axis_name
     )
     return grads, outer, aux
 
@@ -413,6 +429,7 @@ def train_step(
     *,
     models: Models,
     cfg: BilevelConfig,
+    axis_name: Optional[str] = None,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One iteration: real SGD step on L_total, meta step on φ (if the method has one).
 
@@ -422,6 +439,10 @@ def train_step(
       x: (B, H, W, 3) normalised images; y: (B,) int labels.
       lr: this iteration's learning rate of θ (scalar).
       models: target and source modules; cfg: the static configuration.
+      axis_name: inside `jax.shard_map` over the batch (per-device BN statistics; see
+        `l2t_jax.parallel`), the mapped axis: every differentiated loss and every metric
+        is averaged over devices (the returned BN statistics stay per-device). None: one
+        device (the default).
 
     Returns:
       (new state, metrics): "loss" (L_total), "ce", "wfm", "accuracy" (top-1 of the real
@@ -435,7 +456,7 @@ def train_step(
     # 1. real step
     def total(q):
         t = loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg)
-        return t.ce + t.wfm, t
+        return device_mean(t.ce + t.wfm, axis_name), t
 
     (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
     opt_state = with_learning_rate(state.opt_state, lr)
@@ -443,17 +464,20 @@ def train_step(
     batch_stats = terms.batch_stats
     metrics = {
         "loss": loss,
-        "ce": terms.ce,
-        "wfm": terms.wfm,
-        "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
-        "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
+        **device_mean({
+            "ce": terms.ce,
+            "wfm": terms.wfm,
+            "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
+            "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
+        }, axis_name),
     }
     meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
 
     # 2. meta step
     if cfg.has_meta_step:
         meta_grads, outer, aux = meta_gradient(
-            meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg
+            meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg,
+            axis_name=axis_name,
         )
         meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
         updates, meta_opt_state = meta_tx.update(meta_grads, meta_opt_state, meta_params)
@@ -463,7 +487,7 @@ def train_step(
         metrics.update(
             outer_loss=outer,
             matching_loss_at_start=aux.matching_loss_at_start,
-            meta_grad_norm=optax.global_norm(meta_grads),
+            meta_grad_norm=optax.tree.norm(meta_grads),
         )
     new_state = state.replace(
         step=state.step + 1,
