@@ -1,0 +1,349 @@
+"""Time and memory of one full L2T-ww training iteration, against a plain SGD step.
+
+    python -m benchmarks.train_step --setting stl10|cub200 [--batch B] [--T T] [--iters N]
+        [--remat] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
+        [--pairs all_to_all|m-n,...] [--no_plain] [--seed S] [--compilation_cache DIR]
+        [--compare_torch [--torch_mode adjoint|unroll] [--torch_threads N] [--torch_device D]]
+
+Settings (benchmarks/common.py): stl10 = ResNet32 (200 classes) -> VGG9-bn (10), 32 px,
+the 15 all-to-all pairs, batch 128; cub200 = ResNet34 (1000) -> ResNet18 (200), 224 px,
+the 16 pairs {1..4}x{1..4}, batch 64; tiny = ResNet8 -> a 3-conv VGG (smoke tests only).
+
+One iteration is one call of `bilevel.make_train_step` (real SGD step on L_total,
+T matching steps + one CE step look-ahead, outer CE, exact meta-gradient, Adam on
+φ), jitted, its state donated, `block_until_ready`. The plain step is one jitted
+SGD step of the target on cross-entropy only, same batch. Random data and random
+initialisation at the real model sizes.
+
+Prints ONE JSON line on stdout (progress on stderr):
+  iter_s_median, iter_s_all, plain_step_s_median, ratio_iter_to_plain,
+  compile_s (lower + XLA compile of the iteration), first_call_s (compile + the
+  first, warm-up execution; excluded from the median), plain_compile_s,
+  peak_mem_gb (GPU: the device's peak_bytes_in_use; CPU: the highest RSS sampled
+  every 5 ms during the timed iterations, after the heap memory the compiler freed
+  was returned to the OS (malloc_trim): runtime + code + arrays + temporaries),
+  max_rss_gb (CPU: the process's lifetime peak RSS, compilation included),
+  baseline_rss_gb (RSS before compiling), rss_after_compile_gb (after compile and
+  warm-up), rss_before_iters_gb (after trimming, when the timed iterations
+  start; peak_mem_gb - rss_before_iters_gb ~ the iteration's temporaries), xla_temp_gb / xla_argument_gb /
+  xla_output_gb (XLA's own memory analysis of the compiled iteration),
+  device, platform, setting, models, pairs, batch, T, remat, conv_impl, dtype,
+  iters, jax / jaxlib / flax versions, host facts (cpus, load average).
+With --compare_torch also the PyTorch twin (benchmarks/torch_reference.py, run in
+a child process just before the JAX measurement, on the same kind of device): torch_iter_s_median,
+torch_plain_step_s_median, torch_peak_mem_gb, ..., and speedup_vs_torch =
+torch_iter_s_median / iter_s_median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks.common import gb, log, rounded
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", default="stl10", choices=sorted(common.SETTINGS))
+    p.add_argument("--batch", type=int, default=None, help="default: the setting's (stl10 128, cub200 64)")
+    p.add_argument("--T", type=int, default=2, help="matching steps in the look-ahead (paper: 2)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations after the warm-up call")
+    p.add_argument("--remat", action="store_true", help="BilevelConfig(remat=True)")
+    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="parameters and activations (BN running statistics stay float32)")
+    p.add_argument("--pairs", default=None, help="default: the setting's (all_to_all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compilation_cache", default=None,
+                   help="persistent XLA compilation cache directory (tests; makes compile_s meaningless)")
+    p.add_argument("--no_plain", action="store_true", help="skip the plain-step measurement")
+    p.add_argument("--compare_torch", action="store_true", help="also time the PyTorch twin (child process)")
+    p.add_argument("--torch_mode", default="adjoint", choices=("adjoint", "unroll"),
+                   help="PyTorch meta-gradient: the reference's MetaSGD adjoint, or an unrolled create_graph look-ahead")
+    p.add_argument("--torch_device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads in the child (default: untouched)")
+    p.add_argument("--torch_timeout", type=float, default=None, help="seconds before the PyTorch child is killed")
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = common.setting(args.setting).batch
+    if args.batch < 1 or args.T < 1 or args.iters < 1:
+        p.error("--batch, --T and --iters must be >= 1")
+    return args
+
+
+def _device_memory_peak(dev) -> int | None:
+    try:
+        stats = dev.memory_stats()
+    except Exception:
+        return None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def build(args):
+    """Models, configuration, state, source variables and batch for `args`."""
+    import jax
+    import jax.numpy as jnp
+
+    from l2t_jax import bilevel, transfer
+    from l2t_jax.models import get_model, model_info
+
+    s = common.setting(args.setting)
+    dtype = jnp.dtype(args.dtype)
+    target = get_model(s.target, s.target_classes, conv_impl=args.conv_impl)
+    source = get_model(s.source, s.source_classes, conv_impl=args.conv_impl)
+    pairs = transfer.resolve_pairs(args.pairs or s.pairs, s.source, s.target, s.image_size)
+    cfg = bilevel.BilevelConfig(matching=transfer.MatchingConfig(pairs=pairs, method="l2t_ww"), T=args.T, remat=args.remat)
+    models = bilevel.Models(target, source)
+    src_ch, tgt_ch = model_info(s.source).tap_channels, model_info(s.target).tap_channels
+    shape = (args.batch, s.image_size, s.image_size, 3)
+
+    def cast(tree):
+        return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+    def init_target(key):
+        v = target.init(key, jnp.zeros((1,) + shape[1:], jnp.float32), train=False)
+        return {"params": cast(v["params"]), "batch_stats": v["batch_stats"]}
+
+    def init_all(key):
+        # one jitted program instead of hundreds of eager ops (each compiled on its own)
+        kt, ks, kst, kx, ky = jax.random.split(key, 5)
+        x = jax.random.normal(kx, shape, jnp.float32)
+        y = jax.random.randint(ky, (args.batch,), 0, s.target_classes, jnp.int32)
+        sv = source.init(ks, jnp.zeros((1,) + shape[1:], jnp.float32), train=False)
+        sv = {"params": sv["params"], "batch_stats": calibrated_stats(sv, x[:16])}
+        source_vars = {"params": cast(sv["params"]), "batch_stats": sv["batch_stats"]}
+        state = bilevel.create_train_state(
+            kst, models, cfg, init_target(kt), source_channels=src_ch, target_channels=tgt_ch
+        )
+        return state, source_vars, x.astype(dtype), y
+
+    def calibrated_stats(sv, xs):
+        # A random source in eval mode with fresh running statistics (0, 1) does not normalise:
+        # its activations grow through the residual stages (matching losses ~1e4, a diverging
+        # target). Give it the statistics of a batch instead: one training-mode forward moves
+        # each running value r to 0.9 r + 0.1 b (layers.BatchNorm, PyTorch momentum 0.1), so
+        # b = (r' - 0.9 r) / 0.1.
+        _, upd = source.apply(sv, xs, train=True, mutable=["batch_stats"])
+
+        def fix(path, old, new):
+            name = getattr(path[-1], "key", None)
+            return (new - 0.9 * old) / 0.1 if name in ("mean", "var") else old
+
+        return jax.tree_util.tree_map_with_path(fix, sv["batch_stats"], upd["batch_stats"])
+
+    # "rbg" keys: XLA compiles RngBitGenerator far faster than threefry on CPU (values are irrelevant here)
+    key = jax.random.key(args.seed, impl="rbg")
+    state, source_vars, x, y = jax.jit(init_all)(key)
+    init_target_jit = jax.jit(init_target)
+
+    def target_vars():  # fresh buffers each call (the train state's are donated)
+        return init_target_jit(jax.random.split(key, 5)[0])
+
+    return s, cfg, models, state, source_vars, x, y, target_vars, pairs
+
+
+def make_plain_step(model, dtype):
+    """One jitted SGD step of `model` on cross-entropy (PyTorch SGD semantics), state donated."""
+    import jax
+    import optax
+
+    from l2t_jax import bilevel, transfer
+
+    tx = bilevel.pytorch_sgd(0.1, 0.9, 1e-4, dtype)
+
+    def step(params, batch_stats, opt_state, x, y):
+        def loss(p):
+            (logits, _), new = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            return transfer.cross_entropy(logits, y), new["batch_stats"]
+
+        (l, bs), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), bs, opt_state, l
+
+    return tx, jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def run_jax(args) -> dict:
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import jaxlib
+
+    from l2t_jax import bilevel
+
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.compilation_cache).resolve()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    dev = jax.devices()[0]
+    on_cpu = dev.platform == "cpu"
+    log(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}); setting {args.setting}, batch {args.batch}, "
+        f"T {args.T}, remat {args.remat}, conv_impl {args.conv_impl}, dtype {args.dtype}")
+    s, cfg, models, state, source_vars, x, y, target_vars, pairs = build(args)
+    lr = jnp.asarray(0.1, jnp.float32)
+    baseline_rss = common.current_rss_bytes()
+
+    # --- the full iteration: compile (AOT), warm-up call, timed calls
+    step = bilevel.make_train_step(models, cfg)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, source_vars, x, y, lr).compile()
+    compile_s = time.perf_counter() - t0
+    log(f"iteration compiled in {compile_s:.1f} s")
+    mem = {}
+    try:
+        ma = compiled.memory_analysis()
+        if ma is not None:
+            mem = {
+                "xla_temp_gb": gb(ma.temp_size_in_bytes),
+                "xla_argument_gb": gb(ma.argument_size_in_bytes),
+                "xla_output_gb": gb(ma.output_size_in_bytes),
+            }
+    except Exception as e:  # pragma: no cover - backend without memory analysis
+        log(f"no memory analysis: {e}")
+
+    holder = {"state": state}
+    del state
+
+    def one_iteration():
+        holder["state"], holder["metrics"] = compiled(holder["state"], source_vars, x, y, lr)
+        return holder["state"], holder["metrics"]
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(one_iteration())
+    warm_s = time.perf_counter() - t0
+    log(f"warm-up iteration {warm_s:.2f} s; timing {args.iters} iterations")
+    rss_before_trim = common.current_rss_bytes()
+    common.trim_heap()  # drop what the compiler freed: the sampled peak is then the iteration's
+    with common.RssSampler() as sampler:
+        rss_before_iters = sampler.peak
+        times = common.time_calls(one_iteration, args.iters, jax.block_until_ready)
+    iter_peak = sampler.peak
+    dev_peak = _device_memory_peak(dev)
+    life_peak = common.max_rss_bytes()
+    last = jax.device_get(holder["metrics"])
+    holder.clear()
+
+    out = {
+        "benchmark": "train_step",
+        "setting": args.setting,
+        "source": s.source,
+        "target": s.target,
+        "image_size": s.image_size,
+        "num_pairs": len(pairs),
+        "batch": args.batch,
+        "T": args.T,
+        "remat": bool(args.remat),
+        "conv_impl": args.conv_impl,
+        "dtype": args.dtype,
+        "iters": args.iters,
+        "compilation_cache": args.compilation_cache,
+        "iter_s_median": rounded(common.median(times)),
+        "iter_s_all": [rounded(t) for t in times],
+        # sanity: the last iteration's losses (random data: only finiteness matters)
+        "last_outer_loss": rounded(float(last["outer_loss"]), 5),
+        "last_loss": rounded(float(last["loss"]), 5),
+    }
+
+    # --- the plain step
+    if not args.no_plain:
+        tx, plain = make_plain_step(models.target, jnp.dtype(args.dtype))
+        v = target_vars()
+        pstate = {"p": v["params"], "bs": v["batch_stats"], "opt": tx.init(v["params"])}
+        del v
+        t0 = time.perf_counter()
+        plain_c = plain.lower(pstate["p"], pstate["bs"], pstate["opt"], x, y).compile()
+        plain_compile_s = time.perf_counter() - t0
+
+        def one_plain():
+            pstate["p"], pstate["bs"], pstate["opt"], l = plain_c(pstate["p"], pstate["bs"], pstate["opt"], x, y)
+            return l
+
+        jax.block_until_ready(one_plain())
+        log(f"plain step compiled in {plain_compile_s:.1f} s; timing {max(args.iters, 3)} plain steps")
+        ptimes = common.time_calls(one_plain, max(args.iters, 3), jax.block_until_ready)
+        plain_med = common.median(ptimes)
+        out.update(
+            plain_step_s_median=rounded(plain_med),
+            ratio_iter_to_plain=rounded(common.median(times) / plain_med, 2),
+            plain_compile_s=rounded(plain_compile_s, 2),
+        )
+    else:
+        out.update(plain_step_s_median=None, ratio_iter_to_plain=None, plain_compile_s=None)
+
+    out.update(
+        compile_s=rounded(compile_s, 2),
+        first_call_s=rounded(compile_s + warm_s, 2),
+        peak_mem_gb=gb(dev_peak) if (dev_peak is not None and not on_cpu) else gb(iter_peak),
+        peak_mem_source="device peak_bytes_in_use" if (dev_peak is not None and not on_cpu) else "sampled process RSS during timed iterations",
+        max_rss_gb=gb(life_peak),
+        baseline_rss_gb=gb(baseline_rss),
+        rss_after_compile_gb=gb(rss_before_trim),
+        rss_before_iters_gb=gb(rss_before_iters),
+        **mem,
+        device=f"{dev.platform}:{dev.device_kind}",
+        platform=dev.platform,
+        num_devices=jax.device_count(),
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        flax=flax.__version__,
+        **common.host_info(),
+    )
+    return out
+
+
+def run_torch_child(args) -> dict:
+    """benchmarks.torch_reference with the same setting, in a child process (its own memory)."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.torch_reference",
+        "--setting", args.setting, "--batch", str(args.batch), "--T", str(args.T),
+        "--iters", str(args.iters), "--mode", args.torch_mode, "--seed", str(args.seed),
+    ]
+    if args.pairs:
+        cmd += ["--pairs", args.pairs]
+    if args.torch_device:
+        cmd += ["--device", args.torch_device]
+    if args.no_plain:
+        cmd += ["--no_plain"]
+    if args.torch_threads:
+        cmd += ["--threads", str(args.torch_threads)]
+    log("PyTorch twin: " + " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, cwd=str(REPO), stdout=subprocess.PIPE, text=True, timeout=args.torch_timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"PyTorch benchmark failed (exit {proc.returncode}); its stderr is above")
+    return common.parse_last_json(proc.stdout)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t = None
+    if args.compare_torch:
+        # PyTorch first, while this process has not started JAX's backend: on a GPU, JAX
+        # reserves most of the memory for its lifetime, which would starve the child.
+        if args.dtype != "float32":
+            log("note: the PyTorch twin runs in float32")
+        t = run_torch_child(args)
+    out = run_jax(args)
+    if t is not None:
+        for k, v in t.items():
+            # torch_max_rss_gb is left out: Linux carries this (large) parent's RSS at fork into the child's.
+            if k.startswith("torch_") and k != "torch_max_rss_gb":
+                out[k] = v
+        out["torch_device"] = t.get("device")
+        if out["iter_s_median"] and t.get("torch_iter_s_median"):
+            out["speedup_vs_torch"] = rounded(t["torch_iter_s_median"] / out["iter_s_median"], 3)
+        if out.get("plain_step_s_median") and t.get("torch_plain_step_s_median"):
+            out["plain_speedup_vs_torch"] = rounded(t["torch_plain_step_s_median"] / out["plain_step_s_median"], 3)
+    common.emit(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

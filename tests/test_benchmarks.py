@@ -1,0 +1,104 @@
+"""Smoke tests of the benchmark scripts: each runs on a tiny setting and prints valid JSON.
+
+The scripts run as users run them (`python -m benchmarks.<name>` in a child process),
+on the "tiny" setting (ResNet8 -> tiny VGG, 32 px, batch 2, T = 1, one timed
+iteration) with the repository's persistent compilation cache, so reruns are quick.
+Only the shape of the output and the sanity of the numbers are checked here; the
+real figures come from full runs on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `benchmarks` from the checkout, however pytest was started
+    sys.path.insert(0, str(REPO))
+CACHE = str(REPO / ".jax_cache")
+TINY = ["--setting", "tiny", "--batch", "2", "--T", "1", "--iters", "1"]
+
+
+def _run(module: str, *args: str, timeout: float = 600) -> tuple[list[dict], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=str(REPO), capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{module} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return records, proc.stdout
+
+
+def _positive(record: dict, *keys: str) -> None:
+    for k in keys:
+        v = record[k]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{k} = {v!r}"
+
+
+def test_settings_match_the_paper():
+    from benchmarks.common import SETTINGS
+    from l2t_jax.transfer import resolve_pairs
+
+    stl, cub = SETTINGS["stl10"], SETTINGS["cub200"]
+    assert (stl.source, stl.source_classes, stl.target, stl.target_classes, stl.image_size, stl.batch) == (
+        "resnet32", 200, "vgg9_bn", 10, 32, 128)
+    assert (cub.source, cub.source_classes, cub.target, cub.target_classes, cub.image_size, cub.batch) == (
+        "resnet34", 1000, "resnet18", 200, 224, 64)
+    stl_pairs = resolve_pairs(stl.pairs, stl.source, stl.target, stl.image_size)
+    assert set(stl_pairs) == {(m, n) for m in (4, 9, 14) for n in range(5)}
+    cub_pairs = resolve_pairs(cub.pairs, cub.source, cub.target, cub.image_size)
+    assert set(cub_pairs) == {(m, n) for m in range(1, 5) for n in range(1, 5)}
+
+
+def test_train_step_with_torch_comparison():
+    pytest.importorskip("torch", reason="--compare_torch needs PyTorch (pip install -e .[torch])")
+    records, _ = _run("benchmarks.train_step", *TINY, "--compare_torch", "--torch_threads", "1",
+                      "--compilation_cache", CACHE)
+    assert len(records) == 1, "train_step must print exactly one JSON line"
+    r = records[0]
+    for k in ("setting", "batch", "T", "remat", "iters", "device", "jax", "compile_s", "first_call_s",
+              "max_rss_gb", "xla_temp_gb", "torch_device", "torch_mode"):
+        assert k in r, k
+    assert (r["setting"], r["batch"], r["T"], r["remat"], r["iters"]) == ("tiny", 2, 1, False, 1)
+    _positive(r, "iter_s_median", "plain_step_s_median", "ratio_iter_to_plain", "peak_mem_gb",
+              "torch_iter_s_median", "torch_plain_step_s_median", "speedup_vs_torch")
+    assert r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
+    assert len(r["iter_s_all"]) == 1
+    assert math.isfinite(r["last_outer_loss"]) and math.isfinite(r["last_loss"])
+    assert r["speedup_vs_torch"] == pytest.approx(r["torch_iter_s_median"] / r["iter_s_median"], rel=1e-2)
+
+
+def test_unroll_memory_table():
+    records, stdout = _run("benchmarks.unroll_memory", "--setting", "tiny", "--batch", "2", "--Ts", "1",
+                           "--iters", "1", "--compilation_cache", CACHE)
+    assert [(r["T"], r["remat"]) for r in records] == [(1, False), (1, True)]
+    for r in records:
+        assert "error" not in r, r
+        _positive(r, "iter_s_median", "peak_mem_gb", "child_max_rss_gb")
+        assert r["xla_temp_gb"] is not None and r["xla_temp_gb"] >= 0
+    table = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(records)
+
+
+def test_torch_twin_computes_the_same_iteration_as_l2t_jax():
+    """The PyTorch baseline is a like-for-like comparison: float64, same initial state, same results."""
+    pytest.importorskip("torch", reason="the PyTorch twin needs PyTorch (pip install -e .[torch])")
+    import os
+
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.torch_reference", "--crosscheck", *TINY, "--threads", "1"],
+        cwd=str(REPO), capture_output=True, text=True, timeout=600, env=env,
+    )
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert records, proc.stderr[-4000:]
+    r = records[0]
+    assert r["ok"] and proc.returncode == 0, r
+    for mode in ("adjoint", "unroll"):  # the reference's MetaSGD adjoint and the create_graph unroll
+        assert max(r[mode]["meta_grad_norm_rel_diff"]) < 1e-9, r
+        assert r[mode]["phi_max_rel_diff"] < 1e-9 and r[mode]["theta_max_rel_diff"] < 1e-9, r
