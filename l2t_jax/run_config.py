@@ -111,6 +111,29 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+
+def imagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collections.ConfigDict:
+    """The paper's 224 px setting: ImageNet ResNet34 -> ResNet18, batch 64, 200 epochs, L2T-ww all-to-all.
+
+    Args:
+      dataset: the data source ("tfds:NAME" or "folder:PATH").
+      data_dir: tfds data directory or the folder datasets' root ("" = default).
+    """
+    c = base_config()
+    c.dataset = dataset
+    c.data_dir = data_dir
+    c.image_size = 224
+    c.batch_size = 64
+    c.epochs = 200
+    c.method = "l2t_ww"
+    c.pairs = "all_to_all"
+    c.source_model = "resnet34"
+    c.source_weights = shared_path("weights/resnet34.pth")
+    c.source_num_classes = 1000
+    c.target_model = "resnet18"
+    c.eval_batch_size = 128
+    return c
+
 def shared_path(rel: str) -> str:
     """`rel` under the shared artefacts folder: $L2T_SHARED, else ../shared beside the repository."""
     root = os.environ.get("L2T_SHARED") or str(Path(__file__).resolve().parents[1].parent / "shared")

@@ -17,21 +17,9 @@ Data: tfds "stanford_dogs" (array_record) under --config.data_dir; 10 % of every
 training class held out for validation.
 """
 
-from l2t_jax.run_config import base_config, shared_path
+from l2t_jax.run_config import imagenet_transfer_config
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "tfds:stanford_dogs"
-    c.data_dir = ""  # tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
-    c.image_size = 224
-    c.batch_size = 64
-    c.epochs = 200
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
-    c.source_model = "resnet34"
-    c.source_weights = shared_path("weights/resnet34.pth")
-    c.source_num_classes = 1000
-    c.target_model = "resnet18"
-    c.eval_batch_size = 128
-    return c
+    # tfds default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets) when ""
+    return imagenet_transfer_config("tfds:stanford_dogs", "")

@@ -18,21 +18,8 @@ class train split), DATA = $L2T_DATA or ~/data; 10 % of every training class hel
 for validation.
 """
 
-from l2t_jax.run_config import base_config, data_path, shared_path
+from l2t_jax.run_config import data_path, imagenet_transfer_config
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "folder:stanford40"
-    c.data_dir = data_path("")
-    c.image_size = 224
-    c.batch_size = 64
-    c.epochs = 200
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
-    c.source_model = "resnet34"
-    c.source_weights = shared_path("weights/resnet34.pth")
-    c.source_num_classes = 1000
-    c.target_model = "resnet18"
-    c.eval_batch_size = 128
-    return c
+    return imagenet_transfer_config("folder:stanford40", data_path(""))
