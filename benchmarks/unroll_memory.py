@@ -9,7 +9,9 @@ peaks never accumulate across configurations. Per configuration:
 
 * iter_s_median, compile_s (from the child);
 * peak_mem_gb: GPU, the device's peak_bytes_in_use; CPU, the child's RSS sampled
-  during its timed iterations (runtime + arrays + the step's temporaries);
+  during its timed iterations, after the compiler's freed heap went back to the OS
+  (runtime + code + arrays + the step's temporaries; rss_before_iters_gb is the
+  level the iterations start from);
 * child_max_rss_gb: the child's lifetime peak RSS from the kernel (`wait4`),
   compilation included; recorded even when the child dies (e.g. out of memory);
 * xla_temp_gb: XLA's own count of the compiled iteration's temporaries
@@ -116,6 +118,7 @@ def measure(args, T: int, remat: bool) -> dict:
         peak_mem_source=r["peak_mem_source"],
         child_max_rss_gb=gb(maxrss),
         baseline_rss_gb=r.get("baseline_rss_gb"),
+        rss_before_iters_gb=r.get("rss_before_iters_gb"),
         xla_temp_gb=r.get("xla_temp_gb"),
         xla_argument_gb=r.get("xla_argument_gb"),
         iters=r["iters"],
