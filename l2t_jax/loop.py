@@ -17,6 +17,7 @@ Work directory:
   tb/                  TensorBoard events
   best_weights.msgpack target {"params","batch_stats"} at the best validation epoch
   final_weights.msgpack  ... after the last epoch
+  final_transfer.msgpack {"branch": matching 1x1 convs, "meta_params": φ} after the last epoch
   summary.json         best validation accuracy, test accuracy there, last test accuracy, ...
 
 SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary
@@ -596,6 +597,9 @@ def _interrupted(stop: _StopFlag, workdir: Path, epoch: int, step: int, spe: int
 def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, pairs: str) -> dict:
     variables = jax.device_get(bilevel.target_variables(state))
     weights_lib.save_variables(workdir / "final_weights.msgpack", variables)
+    # θ's matching branch and φ (for figures: λ per pair and per sample, learned w).
+    transfer_state = jax.device_get({"branch": state.params.get("branch", []), "meta_params": state.meta_params})
+    weights_lib.save_variables(workdir / "final_transfer.msgpack", transfer_state)
     hist = meta["history"]
     last = hist[-1] if hist else {}
     best = meta["best"] or {}
@@ -617,6 +621,7 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "wall_time_s": wall_time,
         "final_weights": str(workdir / "final_weights.msgpack"),
         "best_weights": str(workdir / "best_weights.msgpack"),
+        "final_transfer": str(workdir / "final_transfer.msgpack"),
         "history": [{k: v for k, v in r.items() if k != "train"} for r in hist],
         "config": plain,
     }
