@@ -186,6 +186,14 @@ class BilevelConfig:
       bn_updates: "reference" (running statistics updated twice per iteration, as the
         reference) or "single" (only by the real step).
       remat: rematerialise each look-ahead step in the backward pass (less memory).
+      lwf_weight: > 0 adds LwF's distillation term (that weight) through an extra head
+        θ["lwf_head"] predicting the source's classes (0: off).
+      lwf_temperature: LwF's softmax temperature τ.
+      at_pairs: (source_tap, target_tap) pairs of attention transfer (AT; empty: off).
+      at_beta: AT's β (the term is β/2 · Σ_pairs mean (Q_s - Q_t)²).
+
+    AT and LwF are baselines: their terms join L_total (the real step, and the
+    look-ahead of the "original" scheme), never the matching-only look-ahead steps.
     """
 
     matching: MatchingConfig = dataclasses.field(default_factory=lambda: MatchingConfig(method="scratch"))
@@ -197,6 +205,10 @@ class BilevelConfig:
     meta_weight_decay: float = 1e-4
     bn_updates: str = "reference"
     remat: bool = False
+    lwf_weight: float = 0.0
+    lwf_temperature: float = 2.0
+    at_pairs: tuple[tuple[int, int], ...] = ()
+    at_beta: float = 1000.0
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -205,6 +217,13 @@ class BilevelConfig:
             raise ValueError(f"unknown bn_updates {self.bn_updates!r}; expected one of {BN_UPDATES}")
         if self.T < 1:
             raise ValueError(f"T must be >= 1, got {self.T}")
+        if self.lwf_weight < 0 or self.lwf_temperature <= 0 or self.at_beta < 0:
+            raise ValueError("lwf_weight and at_beta must be >= 0 and lwf_temperature > 0")
+
+    @property
+    def uses_source(self) -> bool:
+        """Whether a step needs the source network's outputs."""
+        return bool(self.matching.pairs) or self.lwf_weight > 0 or bool(self.at_pairs)
 
     @property
     def has_meta_step(self) -> bool:
@@ -233,10 +252,15 @@ class TrainState:
 
 
 class Models(NamedTuple):
-    """The two networks (static Flax modules)."""
+    """The networks (static Flax modules).
+
+    `source` is one module, or a tuple of modules for multi-source transfer (then
+    `source_variables` is a tuple of their variables, and the source taps are the
+    sources' taps concatenated in order: pair indices count across all of them).
+    """
 
     target: nn.Module
-    source: Optional[nn.Module]
+    source: Optional[nn.Module | tuple[nn.Module, ...]]
 
 
 def create_train_state(
@@ -249,13 +273,24 @@ def create_train_state(
     target_channels: tuple[int, ...],
     learning_rate: float = 0.1,
     lambda_init: Optional[float] = 1.0,
+    lwf_classes: int = 0,
 ) -> TrainState:
-    """A fresh state: given target variables, a new branch and φ, zero momentum, fresh Adam."""
+    """A fresh state: given target variables, a new branch and φ, zero momentum, fresh Adam.
+
+    Args:
+      source_channels / target_channels: channels of every source / target tap.
+      lwf_classes: the source's number of classes (needed when `cfg.lwf_weight` > 0:
+        θ then holds "lwf_head", Linear(target_channels[-1] -> lwf_classes)).
+    """
     kb, km = jax.random.split(key)
     m = cfg.matching
     dtype = jax.tree.leaves(target_variables["params"])[0].dtype
     branch = transfer.init_branch(kb, m.pairs, source_channels, target_channels, dtype)
     params = {"model": target_variables["params"], "branch": branch}
+    if cfg.lwf_weight > 0:
+        if lwf_classes < 1:
+            raise ValueError("LwF (cfg.lwf_weight > 0) needs lwf_classes, the source's number of classes")
+        params["lwf_head"] = transfer.init_lwf_head(jax.random.fold_in(key, 2), target_channels[-1], lwf_classes, dtype)
     meta = transfer.init_meta_params(
         km, m.pairs, source_channels, method=m.method, lambda_type=m.lambda_type,
         lambda_init=lambda_init, meta_kind=m.meta_kind, dtype=dtype,
@@ -275,10 +310,26 @@ def create_train_state(
 # --------------------------------------------------------------------------- forward passes and losses
 
 
-def source_features(model: nn.Module, variables: PyTree, x: Array) -> list[Array]:
+def source_outputs(model, variables: PyTree, x: Array) -> tuple[Array, list[Array]]:
+    """The source's logits and taps in eval mode, as constants.
+
+    Args:
+      model: a Flax module, or a tuple of modules (multi-source; `variables` then a
+        tuple too): the taps are concatenated in order, the logits are the first source's.
+      x: (B, H, W, 3).
+    Returns:
+      (logits (B, K_source), list of (B, H_i, W_i, C_i)).
+    """
+    if isinstance(model, (tuple, list)):
+        outs = [source_outputs(m, v, x) for m, v in zip(model, variables)]
+        return outs[0][0], [f for _, feats in outs for f in feats]
+    logits, feats = model.apply(variables, x, train=False)
+    return lax.stop_gradient(logits), [lax.stop_gradient(f) for f in feats]
+
+
+def source_features(model, variables: PyTree, x: Array) -> list[Array]:
     """The source's taps in eval mode, as constants. x: (B, H, W, 3) -> list of (B, H_i, W_i, C_i)."""
-    _, feats = model.apply(variables, x, train=False)
-    return [lax.stop_gradient(f) for f in feats]
+    return source_outputs(model, variables, x)[1]
 
 
 def target_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Array) -> tuple[Array, list[Array], PyTree]:
@@ -290,25 +341,47 @@ def target_forward(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Arr
 
 
 class LossTerms(NamedTuple):
-    """Terms of one forward: CE, L_wfm, per-pair L_wfm (P,), logits, updated BN statistics."""
+    """Terms of one forward: CE, L_wfm, per-pair L_wfm (P,), logits, updated BN statistics,
+    and the baselines' terms (AT, weighted LwF distillation; 0 when off)."""
 
     ce: Array
     wfm: Array
     per_pair: Array
     logits: Array
     batch_stats: PyTree
+    at: Any = 0.0
+    lwf: Any = 0.0
+
+    @property
+    def total(self) -> Array:
+        """L_total = CE + L_wfm + AT + LwF."""
+        return self.ce + self.wfm + self.at + self.lwf
 
 
 def loss_terms(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Array, y: Array,
-               src_feats: list[Array], w, lam, mcfg: MatchingConfig) -> LossTerms:
-    """One training-mode forward of the target and both losses."""
+               src_feats: list[Array], w, lam, mcfg: MatchingConfig, *,
+               cfg: Optional[BilevelConfig] = None, src_logits: Optional[Array] = None) -> LossTerms:
+    """One training-mode forward of the target and its losses.
+
+    Args:
+      cfg: the step's configuration, for the AT / LwF terms (None: neither).
+      src_logits: (B, K_source) source logits (needed for LwF).
+    """
     logits, feats, new_bs = target_forward(model, params, batch_stats, x)
     ce = transfer.cross_entropy(logits, y)
     if mcfg.pairs:
         wfm, per_pair = transfer.matching_loss(params["branch"], src_feats, feats, w, lam, mcfg)
     else:
         wfm, per_pair = jnp.zeros((), ce.dtype), jnp.zeros((0,), ce.dtype)
-    return LossTerms(ce, wfm, per_pair, logits, new_bs)
+    at = lwf = jnp.zeros((), ce.dtype)
+    if cfg is not None and cfg.at_pairs:
+        at = transfer.attention_loss(src_feats, feats, cfg.at_pairs, cfg.at_beta)[0].astype(ce.dtype)
+    if cfg is not None and cfg.lwf_weight > 0:
+        if src_logits is None:
+            raise ValueError("LwF needs the source logits (src_logits)")
+        student = transfer.lwf_head_logits(params["lwf_head"], feats[-1])
+        lwf = cfg.lwf_weight * transfer.distillation_loss(student, src_logits, cfg.lwf_temperature)
+    return LossTerms(ce, wfm, per_pair, logits, new_bs, at, lwf)
 
 
 # --------------------------------------------------------------------------- the look-ahead and its gradient
@@ -340,6 +413,7 @@ def lookahead_loss(
     model: nn.Module,
     cfg: BilevelConfig,
     axis_name: Optional[str] = None,
+    src_logits: Optional[Array] = None,
 ) -> tuple[Array, LookaheadAux]:
     """The outer objective as a function of φ: L_org(θ⁺(φ) | x, y).
 
@@ -356,6 +430,7 @@ def lookahead_loss(
         mapped axis: every loss (each look-ahead step's, the outer one) is averaged over
         devices before it is differentiated, so each SGD step uses the mean of the
         per-device gradients and θ stays replicated. None: one device (the default).
+      src_logits: the source's logits (only for LwF under the "original" scheme).
     Returns:
       (outer loss, LookaheadAux).
     """
@@ -368,8 +443,11 @@ def lookahead_loss(
         p, s = carry
 
         def objective(q):
+            if cfg.scheme == "original":
+                t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg, src_logits=src_logits)
+                return device_mean(t.total, axis_name), t.batch_stats
             t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg)
-            return device_mean(t.wfm + t.ce if cfg.scheme == "original" else t.wfm, axis_name), t.batch_stats
+            return device_mean(t.wfm, axis_name), t.batch_stats
 
         at = lax.stop_gradient(p) if first_order else p
         (loss, new_bs), grads = jax.value_and_grad(objective, has_aux=True)(at)
@@ -405,10 +483,12 @@ def meta_gradient(
     model: nn.Module,
     cfg: BilevelConfig,
     axis_name: Optional[str] = None,
+    src_logits: Optional[Array] = None,
 ) -> tuple[PyTree, Array, LookaheadAux]:
     """∇_φ of `lookahead_loss` (exact, through every step). Returns (grads like φ, outer loss, aux)."""
     (outer, aux), grads = jax.value_and_grad(lookahead_loss, has_aux=True)(
-        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg, axis_name=axis_name
+        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg, axis_name=axis_name,
+        src_logits=src_logits,
     )
     return grads, outer, aux
 
@@ -446,17 +526,19 @@ def train_step(
 
     Returns:
       (new state, metrics): "loss" (L_total), "ce", "wfm", "accuracy" (top-1 of the real
-      step's forward, in [0, 1]), "lambda" (P,) batch-mean λ per pair, and with a meta
-      step "outer_loss", "matching_loss_at_start", "meta_grad_norm".
+      step's forward, in [0, 1]), "lambda" (P,) batch-mean λ per pair, "at" / "lwf" when
+      those terms are on, and with a meta step "outer_loss", "matching_loss_at_start",
+      "meta_grad_norm".
     """
     mcfg = cfg.matching
-    src_feats = source_features(models.source, source_variables, x) if mcfg.pairs else []
+    src_logits, src_feats = source_outputs(models.source, source_variables, x) if cfg.uses_source else (None, [])
     w, lam = transfer.meta_outputs(lax.stop_gradient(state.meta_params), transfer.pool(src_feats), mcfg)
 
     # 1. real step
     def total(q):
-        t = loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg)
-        return device_mean(t.ce + t.wfm, axis_name), t
+        t = loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg,
+                       src_logits=src_logits)
+        return device_mean(t.total, axis_name), t
 
     (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
     opt_state = with_learning_rate(state.opt_state, lr)
@@ -469,6 +551,8 @@ def train_step(
             "wfm": terms.wfm,
             "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
             "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
+            **({"at": terms.at} if cfg.at_pairs else {}),
+            **({"lwf": terms.lwf} if cfg.lwf_weight > 0 else {}),
         }, axis_name),
     }
     meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
@@ -477,7 +561,7 @@ def train_step(
     if cfg.has_meta_step:
         meta_grads, outer, aux = meta_gradient(
             meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg,
-            axis_name=axis_name,
+            axis_name=axis_name, src_logits=src_logits,
         )
         meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
         updates, meta_opt_state = meta_tx.update(meta_grads, meta_opt_state, meta_params)

@@ -17,7 +17,8 @@ Work directory:
   tb/                  TensorBoard events
   best_weights.msgpack target {"params","batch_stats"} at the best validation epoch
   final_weights.msgpack  ... after the last epoch
-  final_transfer.msgpack {"branch": matching 1x1 convs, "meta_params": φ} after the last epoch
+  final_transfer.msgpack θ's transfer parts ("branch": matching 1x1 convs, "lwf_head" for LwF)
+                       and "meta_params" (φ), after the last epoch
   summary.json         best validation accuracy, test accuracy there, last test accuracy, ...
 
 SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 PyTree = Any
 # Scalar training metrics summed per epoch (batch-size weighted); "lambda" is a vector.
-_SCALARS = ("loss", "ce", "wfm", "accuracy", "outer_loss", "matching_loss_at_start", "meta_grad_norm")
+_SCALARS = ("loss", "ce", "wfm", "at", "lwf", "accuracy", "outer_loss", "matching_loss_at_start", "meta_grad_norm")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -181,29 +182,38 @@ def build(config: ml_collections.ConfigDict, pairs, num_classes: int) -> Setup:
         target_vars = {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})}
     target_vars = _as_device(jax.tree.map(lambda a: np.asarray(a, np.float32), target_vars))
 
-    source, source_vars, n_source = None, {}, None
-    if config.method != "scratch":
-        src_path = os.path.expanduser(config.source_weights)
-        source_vars = weights_lib.load_weights(src_path, config.source_model, config.source_num_classes or None)
-        n_source = int(np.shape(source_vars["params"]["fc"]["kernel"])[1])
-        source = get_model(config.source_model, n_source, conv_impl=config.conv_impl)
-        source_vars = _as_device(jax.tree.map(lambda a: np.asarray(a, np.float32), source_vars))
+    resolved = run_config.resolve_method(config)
+    sources, source_vars_list, n_source = [], [], None
+    for src in resolved.sources:
+        loaded = weights_lib.load_weights(os.path.expanduser(src.weights), src.model, src.num_classes or None)
+        n = int(np.shape(loaded["params"]["fc"]["kernel"])[1])
+        n_source = n if n_source is None else n_source
+        sources.append(get_model(src.model, n, conv_impl=config.conv_impl))
+        source_vars_list.append(_as_device(jax.tree.map(lambda a: np.asarray(a, np.float32), loaded)))
+    if len(sources) > 1:
+        source, source_vars = tuple(sources), tuple(source_vars_list)
+    elif sources:
+        source, source_vars = sources[0], source_vars_list[0]
+    else:
+        source, source_vars = None, {}
+    source_channels = tuple(c for src in resolved.sources for c in model_info(src.model).tap_channels)
 
     bcfg = bilevel.BilevelConfig(
         matching=MatchingConfig(
-            pairs=tuple(pairs), method=config.method, beta=config.beta,
-            lambda_type=config.lambda_type, meta_kind=config.meta_kind,
+            pairs=tuple(pairs), method=resolved.matching, beta=config.beta,
+            lambda_type=config.lambda_type, meta_kind=resolved.meta_kind,
         ),
-        T=config.T, scheme=config.scheme, momentum=config.momentum, weight_decay=config.wd,
+        T=config.T, scheme=resolved.scheme, momentum=config.momentum, weight_decay=config.wd,
         meta_lr=config.meta_lr, meta_weight_decay=config.meta_wd, bn_updates=config.bn_updates,
-        remat=config.remat,
+        remat=config.remat, lwf_weight=resolved.lwf_weight, lwf_temperature=config.lwf_temperature,
+        at_pairs=resolved.at_pairs, at_beta=config.at_beta,
     )
     models = bilevel.Models(target, source)
     state = bilevel.create_train_state(
         key_state, models, bcfg, target_vars,
-        source_channels=model_info(config.source_model).tap_channels if source is not None else (),
+        source_channels=source_channels,
         target_channels=model_info(config.target_model).tap_channels,
-        learning_rate=config.lr, lambda_init=config.lambda_init,
+        learning_rate=config.lr, lambda_init=config.lambda_init, lwf_classes=n_source or 0,
     )
     return Setup(models, bcfg, source_vars, state, n_source)
 
@@ -575,7 +585,8 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
             if stop.set and meta["epoch"] < E:
                 raise _interrupted(stop, workdir, meta["epoch"], 0, spe)
         return _finish(config, plain, workdir, state, meta, wall_base + (time.time() - session_start),
-                       data.num_classes, format_pairs(setup.bilevel_config.matching.pairs))
+                       data.num_classes, format_pairs(setup.bilevel_config.matching.pairs),
+                       setup.bilevel_config.at_pairs)
     finally:
         stop.uninstall()
         tb.close()
@@ -594,11 +605,14 @@ def _interrupted(stop: _StopFlag, workdir: Path, epoch: int, step: int, spe: int
     return TrainingInterrupted(msg, stop.signum, epoch, step)
 
 
-def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, pairs: str) -> dict:
+def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, pairs: str,
+            setup_at_pairs=()) -> dict:
     variables = jax.device_get(bilevel.target_variables(state))
     weights_lib.save_variables(workdir / "final_weights.msgpack", variables)
-    # θ's matching branch and φ (for figures: λ per pair and per sample, learned w).
-    transfer_state = jax.device_get({"branch": state.params.get("branch", []), "meta_params": state.meta_params})
+    # θ's matching branch (and LwF head) and φ (for figures: λ per pair and per sample, learned w).
+    transfer_state = jax.device_get(
+        {**{k: v for k, v in state.params.items() if k != "model"}, "meta_params": state.meta_params}
+    )
     weights_lib.save_variables(workdir / "final_transfer.msgpack", transfer_state)
     hist = meta["history"]
     last = hist[-1] if hist else {}
@@ -607,7 +621,7 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "method": config.method,
         "seed": config.seed,
         "dataset": config.dataset,
-        "source_model": None if config.method == "scratch" else config.source_model,
+        "source_model": config.source_model if run_config.resolve_method(config).sources else None,
         "target_model": config.target_model,
         "num_classes": num_classes,
         "pairs": pairs,
@@ -622,6 +636,7 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "final_weights": str(workdir / "final_weights.msgpack"),
         "best_weights": str(workdir / "best_weights.msgpack"),
         "final_transfer": str(workdir / "final_transfer.msgpack"),
+        "at_pairs": format_pairs(setup_at_pairs) if setup_at_pairs else None,
         "history": [{k: v for k, v in r.items() if k != "train"} for r in hist],
         "config": plain,
     }

@@ -22,8 +22,22 @@ Schedule
   lr (0.1, cosine-annealed per epoch), momentum (0.9), wd (1e-4), nesterov (unsupported,
   must stay False as in the reference).
 Transfer
-  method             "scratch" | "fm" | "l2t_w" | "l2t_ww".
+  method             one key selects the method (see METHOD_SPECS):
+                       scratch; lwf (distillation through an extra head for the source's
+                       classes); at (attention transfer on `at_pairs`); lwf_at;
+                       fm / l2t_w / l2t_ww on `pairs`; fm_single, fm_one_to_one,
+                       l2t_w_single, l2t_w_one_to_one (pairs fixed by the name);
+                       l2t_ww_weights (Appendix C.1 meta-weights), l2t_ww_original
+                       (C.2 original bilevel scheme), l2t_ww_first_order.
   pairs              "all_to_all" | "one_to_one" | "single" | "m-n,m-n,...".
+  at_pairs, at_beta  AT's pairs ("one_to_one": every source stage end -> the target's of the
+                     same size) and β (1000, the AT paper's).
+  lwf_weight, lwf_temperature  LwF's distillation weight (1) and temperature (2).
+  extra_sources      multi-source transfer: more sources beside source_model, as
+                     "MODEL:WEIGHTS[:PAIRS[:NUM_CLASSES]]" entries separated by ";" (PAIRS
+                     in that source's own tap indices or a named configuration; default:
+                     `pairs`). Each source gets its own branch convs and meta-networks
+                     (one per pair); the matching losses add up. Matching methods only.
   beta (0.5), lambda_type ("relu6"), lambda_init (1.0), meta_kind ("network" | "weights"),
   meta_lr (1e-4), meta_wd (1e-4), T (2), scheme ("proposed" | "original" | "first_order"),
   bn_updates ("reference" | "single"), remat.
@@ -38,6 +52,7 @@ Run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -58,6 +73,76 @@ RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline"})
 
 class ConfigError(ValueError):
     """A configuration that cannot run (reported before any training)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What one `config.method` value means.
+
+    Attributes:
+      matching: the matching method ("scratch" | "fm" | "l2t_w" | "l2t_ww").
+      pairs: the pair configuration the name fixes (None: `config.pairs`).
+      meta_kind, scheme: what the name fixes (None: the config's).
+      lwf, at: the LwF / AT baseline terms are on.
+    """
+
+    matching: str
+    pairs: Optional[str] = None
+    meta_kind: Optional[str] = None
+    scheme: Optional[str] = None
+    lwf: bool = False
+    at: bool = False
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "scratch": MethodSpec("scratch"),
+    "lwf": MethodSpec("scratch", lwf=True),
+    "at": MethodSpec("scratch", at=True),
+    "lwf_at": MethodSpec("scratch", lwf=True, at=True),
+    "fm": MethodSpec("fm"),
+    "fm_single": MethodSpec("fm", pairs="single"),
+    "fm_one_to_one": MethodSpec("fm", pairs="one_to_one"),
+    "l2t_w": MethodSpec("l2t_w"),
+    "l2t_w_single": MethodSpec("l2t_w", pairs="single"),
+    "l2t_w_one_to_one": MethodSpec("l2t_w", pairs="one_to_one"),
+    "l2t_ww": MethodSpec("l2t_ww"),
+    "l2t_ww_weights": MethodSpec("l2t_ww", meta_kind="weights"),
+    "l2t_ww_original": MethodSpec("l2t_ww", scheme="original"),
+    "l2t_ww_first_order": MethodSpec("l2t_ww", scheme="first_order"),
+}
+METHODS = tuple(METHOD_SPECS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One source network of a run: registry name, weights file, classes (0 = from the weights), pairs spec."""
+
+    model: str
+    weights: str
+    num_classes: int
+    pairs: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedMethod:
+    """A config's method, resolved.
+
+    Attributes:
+      name: config.method.
+      matching: the matching method; pairs: its pairs over the concatenated source taps.
+      meta_kind, scheme: effective values.
+      at_pairs: AT's pairs (first source), () when off; lwf_weight: 0 when off.
+      sources: the source networks (empty for scratch).
+    """
+
+    name: str
+    matching: str
+    pairs: tuple[tuple[int, int], ...]
+    meta_kind: str
+    scheme: str
+    at_pairs: tuple[tuple[int, int], ...]
+    lwf_weight: float
+    sources: tuple[SourceSpec, ...]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -85,6 +170,11 @@ def base_config() -> ml_collections.ConfigDict:
     # transfer
     c.method = "l2t_ww"
     c.pairs = "all_to_all"
+    c.at_pairs = "one_to_one"
+    c.at_beta = 1000.0
+    c.lwf_weight = 1.0
+    c.lwf_temperature = 2.0
+    c.extra_sources = ""
     c.beta = 0.5
     c.lambda_type = "relu6"
     c.lambda_init = 1.0
@@ -153,9 +243,12 @@ def to_plain(config: ml_collections.ConfigDict) -> dict:
 def config_differences(saved: dict, current: dict, ignore=RESUME_MUTABLE_KEYS) -> list[str]:
     """Keys whose values differ between two plain configs, as 'key: saved -> current' lines."""
     out = []
+    defaults = to_plain(base_config())
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue
+        if key not in saved and key in defaults and current.get(key) == defaults[key]:
+            continue  # a key added after the run started, at its default: same numbers
         a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
         if a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
@@ -196,14 +289,78 @@ def _dataset_path(config) -> Optional[Path]:
     return path
 
 
-def resolve_pairs(config) -> tuple[tuple[int, int], ...]:
-    """The (source_tap, target_tap) pairs of the run (() for scratch)."""
-    if config.method == "scratch":
-        return ()
+def parse_extra_sources(spec: str, default_pairs: str) -> tuple[SourceSpec, ...]:
+    """'MODEL:WEIGHTS[:PAIRS[:NUM_CLASSES]];...' -> SourceSpecs ('' -> ())."""
+    out = []
+    for entry in (e.strip() for e in spec.split(";")):
+        if not entry:
+            continue
+        parts = entry.split(":")
+        if len(parts) < 2 or len(parts) > 4 or not parts[0] or not parts[1]:
+            raise ConfigError(
+                f"config.extra_sources entry {entry!r}: expected MODEL:WEIGHTS[:PAIRS[:NUM_CLASSES]]"
+            )
+        pairs = parts[2] if len(parts) > 2 and parts[2] else default_pairs
+        n = parts[3] if len(parts) > 3 else "0"
+        if not n.isdigit():
+            raise ConfigError(f"config.extra_sources entry {entry!r}: NUM_CLASSES {n!r} is not an integer")
+        out.append(SourceSpec(parts[0], parts[1], int(n), pairs))
+    return tuple(out)
+
+
+def _resolve(spec: str, source_model: str, target_model: str, image_size: int, what: str):
     try:
-        return transfer.resolve_pairs(config.pairs, config.source_model, config.target_model, config.image_size)
+        return transfer.resolve_pairs(spec, source_model, target_model, image_size)
     except ValueError as e:
-        raise ConfigError(f"config.pairs={config.pairs!r}: {e}") from None
+        raise ConfigError(f"{what}={spec!r}: {e}") from None
+
+
+def resolve_method(config) -> ResolvedMethod:
+    """What `config.method` (and the transfer keys) amount to; raises ConfigError on conflicts."""
+    _choice(config, "method", METHODS)
+    spec = METHOD_SPECS[config.method]
+    for key, fixed, default in (("scheme", spec.scheme, "proposed"), ("meta_kind", spec.meta_kind, "network")):
+        if fixed is not None and config[key] not in (default, fixed):
+            raise ConfigError(f"method {config.method!r} sets {key}={fixed!r}; config.{key}={config[key]!r} conflicts")
+    scheme = spec.scheme or config.scheme
+    meta_kind = spec.meta_kind or config.meta_kind
+    needs_source = spec.matching != "scratch" or spec.lwf or spec.at
+    sources: tuple[SourceSpec, ...] = ()
+    if needs_source:
+        sources = (SourceSpec(config.source_model, config.source_weights, int(config.source_num_classes),
+                              spec.pairs or config.pairs),)
+    extra = parse_extra_sources(config.extra_sources, spec.pairs or config.pairs)
+    if extra and spec.matching == "scratch":
+        raise ConfigError(f"config.extra_sources is for matching methods (fm, l2t_w, l2t_ww, ...), not {config.method!r}")
+    sources += extra
+    for i, src in enumerate(sources):
+        key = "source_model" if i == 0 else f"extra_sources[{i - 1}].model"
+        if src.model not in available_models():
+            raise ConfigError(f"config.{key}={src.model!r} is not a known model; available: {', '.join(available_models())}")
+    pairs: list[tuple[int, int]] = []
+    if spec.matching != "scratch":
+        offset = 0
+        for i, src in enumerate(sources):
+            what = "config.pairs" if i == 0 else f"config.extra_sources[{i - 1}] pairs"
+            got = _resolve(src.pairs, src.model, config.target_model, config.image_size, what)
+            pairs.extend((m + offset, n) for m, n in got)
+            offset += len(model_info(src.model).tap_channels)
+    at_pairs = ()
+    if spec.at:
+        at_pairs = _resolve(config.at_pairs, config.source_model, config.target_model, config.image_size,
+                            "config.at_pairs")
+    return ResolvedMethod(
+        name=config.method, matching=spec.matching, pairs=tuple(pairs), meta_kind=meta_kind, scheme=scheme,
+        at_pairs=tuple(at_pairs), lwf_weight=float(config.lwf_weight) if spec.lwf else 0.0, sources=sources,
+    )
+
+
+def resolve_pairs(config) -> tuple[tuple[int, int], ...]:
+    """The (source_tap, target_tap) matching pairs of the run (() without matching).
+
+    With `extra_sources`, source tap indices count across the sources in order.
+    """
+    return resolve_method(config).pairs
 
 
 def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
@@ -218,7 +375,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     unknown = sorted(set(config.keys()) - set(base_config().keys()))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}")
-    _choice(config, "method", transfer.METHODS)
+    _choice(config, "method", METHODS)
     _choice(config, "scheme", SCHEMES)
     _choice(config, "bn_updates", BN_UPDATES)
     _choice(config, "meta_kind", transfer.META_KINDS)
@@ -232,7 +389,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     for key in ("seed", "n_per_class", "resize_to", "source_num_classes", "num_workers"):
         if int(config[key]) < 0:
             raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
-    for key in ("lr", "wd", "momentum", "meta_lr", "meta_wd", "beta"):
+    for key in ("lr", "wd", "momentum", "meta_lr", "meta_wd", "beta", "at_beta", "lwf_weight"):
         if not float(config[key]) >= 0.0:
             raise ConfigError(f"config.{key} must be >= 0, got {config[key]}")
     if not 0.0 <= config.val_fraction < 1.0:
@@ -250,27 +407,30 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     path = _dataset_path(config)
     if path is not None and not path.exists():
         raise FileNotFoundError(f"config.dataset={config.dataset!r}: {path} does not exist")
+    if not float(config.lwf_temperature) > 0.0:
+        raise ConfigError(f"config.lwf_temperature must be > 0, got {config.lwf_temperature}")
     parse_classes(config.classes)
-    for key in ("target_model",) + (() if config.method == "scratch" else ("source_model",)):
-        if config[key] not in available_models():
-            raise ConfigError(
-                f"config.{key}={config[key]!r} is not a known model; available: {', '.join(available_models())}"
-            )
+    if config.target_model not in available_models():
+        raise ConfigError(
+            f"config.target_model={config.target_model!r} is not a known model; "
+            f"available: {', '.join(available_models())}"
+        )
     info = model_info(config.target_model)
     if info.family == "cifar_resnet" and config.image_size != 32:
         raise ConfigError(
             f"config.target_model={config.target_model} takes 32 px images, image_size={config.image_size}"
         )
-    pairs = resolve_pairs(config)
-    if config.method != "scratch":
-        if model_info(config.source_model).family == "cifar_resnet" and config.image_size != 32:
-            raise ConfigError(
-                f"config.source_model={config.source_model} takes 32 px images, image_size={config.image_size}"
-            )
-        if not config.source_weights:
-            raise ConfigError(f"method {config.method!r} needs config.source_weights (a .pth/.pth.tar/.msgpack file)")
-        if not os.path.isfile(os.path.expanduser(config.source_weights)):
-            raise FileNotFoundError(f"config.source_weights: weights file not found: {config.source_weights}")
+    resolved = resolve_method(config)
+    pairs = resolved.pairs
+    for i, src in enumerate(resolved.sources):
+        key = "config.source_model" if i == 0 else f"config.extra_sources[{i - 1}]"
+        wkey = "config.source_weights" if i == 0 else f"config.extra_sources[{i - 1}] weights"
+        if model_info(src.model).family == "cifar_resnet" and config.image_size != 32:
+            raise ConfigError(f"{key}={src.model} takes 32 px images, image_size={config.image_size}")
+        if not src.weights:
+            raise ConfigError(f"method {config.method!r} needs {wkey} (a .pth/.pth.tar/.msgpack file)")
+        if not os.path.isfile(os.path.expanduser(src.weights)):
+            raise FileNotFoundError(f"{wkey}: weights file not found: {src.weights}")
     if config.target_weights and not os.path.isfile(os.path.expanduser(config.target_weights)):
         raise FileNotFoundError(f"config.target_weights: weights file not found: {config.target_weights}")
     return pairs
@@ -278,7 +438,8 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
 
 def describe(config: ml_collections.ConfigDict) -> str:
     """One line naming the run (for logs)."""
-    src = "" if config.method == "scratch" else f"{config.source_model} -> "
+    names = [s.model for s in resolve_method(config).sources]
+    src = f"{'+'.join(names)} -> " if names else ""
     return (
         f"{config.method} {src}{config.target_model} on {config.dataset} "
         f"(seed {config.seed}, {config.epochs} epochs)"

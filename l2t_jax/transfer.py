@@ -403,3 +403,82 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     """Mean softmax cross-entropy, labels (B,) ints."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+# --------------------------------------------------------------------------- baselines: AT and LwF
+
+
+def attention_map(feature: Array, eps: float = 1e-12) -> Array:
+    """Zagoruyko & Komodakis' spatial attention: the channel mean of the squared map, L2-normalised.
+
+    Args:
+      feature: (B, H, W, C).
+    Returns:
+      (B, H·W): q / max(‖q‖₂, eps) with q = mean_c feature², flattened row-major.
+    """
+    q = jnp.mean(jnp.square(feature), axis=-1).reshape(feature.shape[0], -1)
+    norm = jnp.sqrt(jnp.sum(jnp.square(q), axis=-1, keepdims=True))
+    return q / jnp.maximum(norm, eps)
+
+
+def attention_loss(
+    source_features: Sequence[Array], target_features: Sequence[Array], pairs: Sequence[Pair], beta: float = 1000.0
+) -> tuple[Array, Array]:
+    """Attention transfer (AT, ICLR 2017) on `pairs`: Σ_pairs β/2 · mean_{b,i} (Q_s - Q_t)².
+
+    A source map of another spatial size is first resized onto the target's
+    (bilinear, as for matching). The source is a constant.
+
+    Args:
+      source_features, target_features: the taps, (B, H, W, C) each.
+      pairs: (source_tap, target_tap) pairs.
+      beta: the AT weight (the AT paper's β = 1000).
+    Returns:
+      (loss scalar, per-pair losses (P,)).
+    """
+    per_pair = []
+    for m, n in pairs:
+        t = target_features[n]
+        s = lax.stop_gradient(source_features[m]).astype(t.dtype)
+        if s.shape[2] != t.shape[2]:
+            s = resize_bilinear(s, t.shape[2] / s.shape[2])
+        if s.shape[1:3] != t.shape[1:3]:
+            raise ValueError(f"AT pair {m}-{n}: source map {source_features[m].shape} cannot be resized onto {t.shape}")
+        per_pair.append(0.5 * beta * jnp.mean(jnp.square(attention_map(s) - attention_map(t))))
+    if not per_pair:
+        return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
+    stacked = jnp.stack(per_pair)
+    return jnp.sum(stacked), stacked
+
+
+def init_lwf_head(key: Array, in_features: int, num_source_classes: int, dtype: Any = jnp.float32) -> dict:
+    """LwF's extra head: Linear(C_last -> K_source) on the target's pooled last tap (PyTorch default init).
+
+    Returns:
+      {"kernel": (C_last, K_source), "bias": (K_source,)}.
+    """
+    kk, kb = jax.random.split(key)
+    init = torch_linear_uniform(in_features)
+    return {"kernel": init(kk, (in_features, num_source_classes), dtype), "bias": init(kb, (num_source_classes,), dtype)}
+
+
+def lwf_head_logits(head: dict, last_target_map: Array) -> Array:
+    """(B, H, W, C_last) -> (B, K_source): the extra head on the globally average-pooled map."""
+    pooled = jnp.mean(last_target_map, axis=(1, 2))
+    return pooled @ head["kernel"].astype(pooled.dtype) + head["bias"].astype(pooled.dtype)
+
+
+def distillation_loss(student_logits: Array, teacher_logits: Array, temperature: float = 2.0) -> Array:
+    """Knowledge distillation (LwF): τ² · mean_batch KL(softmax(teacher/τ) ‖ softmax(student/τ)).
+
+    Args:
+      student_logits, teacher_logits: (B, K); the teacher is a constant.
+      temperature: τ (LwF: 2).
+    Returns:
+      A scalar; 0 when the two agree.
+    """
+    t = lax.stop_gradient(teacher_logits).astype(student_logits.dtype) / temperature
+    log_p = jax.nn.log_softmax(t, axis=-1)
+    log_q = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return temperature**2 * jnp.mean(kl)

@@ -6,8 +6,9 @@ pad-4 crop + flip, ImageNet normalisation. Reported top-1: scratch 67.69,
 FM single 69.40, FM one-to-one 69.97, L2T-w single 70.27, L2T-w one-to-one 70.02,
 L2T-ww 70.96.
 
---config.method=scratch|fm|l2t_w|l2t_ww; pairs all_to_all for L2T-ww (default),
-"single" / "one_to_one" for FM and L2T-w. Data: tfds "cifar100" (array_record) under
+The method is one key (README, "Choosing the method"): --config.method=scratch|lwf|at|
+lwf_at|fm_single|fm_one_to_one|l2t_w_single|l2t_w_one_to_one|l2t_ww (all-to-all, default)
+and the ablations l2t_ww_weights|l2t_ww_original|l2t_ww_first_order. Data: tfds "cifar100" (array_record) under
 --config.data_dir; 10 % of every training class held out for validation.
 """
 

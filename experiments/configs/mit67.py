@@ -9,8 +9,10 @@ L2T-w single 60.41, L2T-w one-to-one 59.78, L2T-ww 64.85 (Appendix C on CUB/MIT6
 meta-weights instead of meta-networks --config.meta_kind=weights; the original
 bilevel scheme --config.scheme=original).
 
---config.method=scratch|fm|l2t_w|l2t_ww; pairs all_to_all (the reference's 16 pairs
-{1..4}-{1..4}) for L2T-ww, "single" / "one_to_one" for FM and L2T-w.
+The method is one key (README, "Choosing the method"): --config.method=scratch|lwf|at|
+lwf_at|fm_single|fm_one_to_one|l2t_w_single|l2t_w_one_to_one|l2t_ww (all-to-all: the
+reference's 16 pairs {1..4}-{1..4}; default) and the ablations l2t_ww_weights (C.1),
+l2t_ww_original (C.2), l2t_ww_first_order.
 Source weights: a torchvision resnet34 state dict (e.g. resnet34-333f7ec4.pth), by
 default $L2T_SHARED/weights/resnet34.pth; pass --config.source_weights=PATH.
 Data: an image folder DATA/mit67/{train,test}/<class>/*.jpg (the official

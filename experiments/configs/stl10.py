@@ -7,9 +7,10 @@ Adam 1e-4 (wd 1e-4) on the meta-networks; pad-4 random crop + flip after the 96 
 resize; ImageNet normalisation. Reported top-1: scratch 65.18, FM single 75.00,
 FM one-to-one 76.38, L2T-w single 74.35, L2T-w one-to-one 76.42, L2T-ww 78.31.
 
-The method is one key: --config.method=scratch|fm|l2t_w|l2t_ww. The paper's pair
-configurations: L2T-ww all-to-all (default, the reference's 15 pairs 4-0 ... 14-4);
-FM and L2T-w "single" or "one_to_one" (--config.pairs=one_to_one).
+The method is one key (README, "Choosing the method"): --config.method=scratch|lwf|at|
+lwf_at|fm_single|fm_one_to_one|l2t_w_single|l2t_w_one_to_one|l2t_ww (all-to-all: the
+reference's 15 pairs 4-0 ... 14-4; default) and the ablations l2t_ww_weights,
+l2t_ww_original, l2t_ww_first_order.
 Data: the tfds "stl10" dataset prepared as array_record under --config.data_dir
 (tfds' default directory when empty); 10 % of every training class is held out
 for model selection.
