@@ -13,6 +13,13 @@ run a few points below the PNG originals). Extract it once, e.g.
 and point --config.data_dir at the parent ($L2T_DATA or ~/data by default).
 10 % of every training class is held out for validation first; the N images per
 class are then drawn (seeded) from the remaining training images.
+Compact alternative (e.g. to carry to a GPU machine): pack a 500-per-class training pool
+and the test set into one 41 MiB file,
+    python -m experiments.pack_cifar10 --tar ../shared/data/cifar10-jpeg.tar --out data/cifar10_pool500.npz
+and run with --config.dataset=npz:data/cifar10_pool500.npz --config.data_dir=. (validation: 10 %
+of the pool; N per class from the rest). The study (issue: paper reproduction):
+    python -m experiments.sweep --config=experiments/configs/cifar10_limited.py --workdir=runs/c10 \
+        --grid n_per_class=50,25,100,250 --grid method=scratch,fm_one_to_one,l2t_ww,lwf,at --grid seed=0,1,2
 Source: the authors' tinyimagenet-resnet32.pth.tar under $L2T_SHARED/reference
 ($L2T_SHARED defaults to ../shared beside the repository).
 """
