@@ -34,3 +34,46 @@ def require_shared(rel: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared artefact not found: {path} (set L2T_SHARED to the folder holding it)")
     return path
+
+
+# --------------------------------------------------------------------------- tiny runs shared by test files
+
+
+def write_digits_npz(path: Path, n_classes: int = 4, n_train: int = 16, n_test: int = 8) -> Path:
+    """scikit-learn's digits 0..n_classes-1 at 8 px as an npz dataset (x, y, x_test, y_test), seeded."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rgb = np.repeat(np.round(d.images * (255 / 16)).astype(np.uint8)[..., None], 3, -1)
+    rng = np.random.default_rng(0)
+    tr, te = [], []
+    for c in range(n_classes):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        tr.extend(idx[:n_train])
+        te.extend(idx[n_train:n_train + n_test])
+    np.savez(path, x=rgb[tr], y=d.target[tr], x_test=rgb[te], y_test=d.target[te])
+    return path
+
+
+def tiny_config(dataset: str, **overrides):
+    """A run of 2 epochs x 3 steps of 16 images on 8 px digits with vgg_tiny (scratch unless overridden)."""
+    from l2t_jax import run_config
+
+    c = run_config.base_config()
+    c.dataset = dataset
+    c.image_size = 8
+    c.val_fraction = 0.25  # 4 of 16 per class -> 48 training, 16 validation images
+    c.batch_size = 16
+    c.epochs = 2
+    c.target_model = "vgg_tiny"
+    c.source_model = "vgg_tiny"
+    c.method = "scratch"
+    c.pairs = "1-1"
+    c.eval_batch_size = 16
+    c.log_every = 2
+    c.num_workers = 1
+    c.progress_bar = False
+    for k, v in overrides.items():
+        c[k] = v
+    return c

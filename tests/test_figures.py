@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_config, write_digits_npz
 from experiments import figures
-from l2t_jax import data as data_lib, loop, run_config
+from l2t_jax import data as data_lib, loop
 
 
 def assert_png(path: Path, min_size: int = 50) -> None:
@@ -34,39 +35,7 @@ def assert_png(path: Path, min_size: int = 50) -> None:
 @pytest.fixture(scope="module")
 def npz_path(tmp_path_factory) -> Path:
     """Digits 0-3 at 8 px: 16 training + 8 test images per class."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rgb = np.repeat(np.round(d.images * (255 / 16)).astype(np.uint8)[..., None], 3, -1)
-    rng = np.random.default_rng(0)
-    tr, te = [], []
-    for c in range(4):
-        idx = rng.permutation(np.flatnonzero(d.target == c))
-        tr.extend(idx[:16])
-        te.extend(idx[16:24])
-    path = tmp_path_factory.mktemp("npz") / "digits4.npz"
-    np.savez(path, x=rgb[tr], y=d.target[tr], x_test=rgb[te], y_test=d.target[te])
-    return path
-
-
-def tiny_config(dataset: str, **overrides):
-    c = run_config.base_config()
-    c.dataset = dataset
-    c.image_size = 8
-    c.val_fraction = 0.25
-    c.batch_size = 16
-    c.epochs = 2
-    c.target_model = "vgg_tiny"
-    c.source_model = "vgg_tiny"
-    c.method = "scratch"
-    c.pairs = "1-1"
-    c.eval_batch_size = 16
-    c.log_every = 2
-    c.num_workers = 1
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+    return write_digits_npz(tmp_path_factory.mktemp("npz") / "digits4.npz")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config, write_digits_npz
 from l2t_jax import bilevel, loop, run_config, transfer, weights
 from l2t_jax.models import get_model, init_model, model_info
 from l2t_jax.transfer import MatchingConfig
@@ -33,20 +34,7 @@ SOURCE_CLASSES = 7
 @pytest.fixture(scope="module")
 def npz_path(tmp_path_factory) -> Path:
     """Digits 0-3 at 8 px: 16 training + 8 test images per class."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    grey = np.round(d.images * (255 / 16)).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, -1)
-    rng = np.random.default_rng(0)
-    tr, te = [], []
-    for c in range(N_CLASSES):
-        idx = rng.permutation(np.flatnonzero(d.target == c))
-        tr.extend(idx[:16])
-        te.extend(idx[16:24])
-    path = tmp_path_factory.mktemp("npz") / "digits4.npz"
-    np.savez(path, x=rgb[tr], y=d.target[tr], x_test=rgb[te], y_test=d.target[te])
-    return path
+    return write_digits_npz(tmp_path_factory.mktemp("npz") / "digits4.npz", N_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +47,9 @@ def source_weights(tmp_path_factory) -> str:
 
 
 def method_config(npz_path, source_weights, method: str, **overrides):
-    c = run_config.base_config()
-    c.dataset = f"npz:{npz_path}"
-    c.image_size = 8
-    c.val_fraction = 0.25
-    c.batch_size = 16
-    c.epochs = 2
-    c.target_model = "vgg_tiny"
-    c.source_model = "vgg_tiny"
-    c.source_weights = source_weights
-    c.method = method
-    c.pairs = "1-1,2-2"
-    c.at_pairs = "1-1,2-2"
-    c.T = 1
-    c.eval_batch_size = 32
-    c.log_every = 1
-    c.num_workers = 1
-    c.progress_bar = False
+    """`tiny_config` with a method, two pairs (matching and AT), T = 1 and a log line every step."""
+    c = tiny_config(f"npz:{npz_path}", method=method, source_weights=source_weights, pairs="1-1,2-2",
+                    at_pairs="1-1,2-2", T=1, eval_batch_size=32, log_every=1)
     for k, v in overrides.items():
         c[k] = v
     return c

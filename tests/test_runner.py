@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, require_shared
+from conftest import REPO, require_shared, tiny_config, write_digits_npz
 from l2t_jax import bilevel, loop, run_config, weights
 from l2t_jax.checkpoint import Checkpointer
 from l2t_jax.models import get_model, init_model
@@ -39,41 +39,7 @@ N_CLASSES = 4
 @pytest.fixture(scope="module")
 def npz_path(tmp_path_factory) -> Path:
     """Digits 0-3 at 8 px: 16 training + 8 test images per class."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    grey = np.round(d.images * (255 / 16)).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, -1)
-    rng = np.random.default_rng(0)
-    tr, te = [], []
-    for c in range(N_CLASSES):
-        idx = rng.permutation(np.flatnonzero(d.target == c))
-        tr.extend(idx[:16])
-        te.extend(idx[16:24])
-    path = tmp_path_factory.mktemp("npz") / "digits4.npz"
-    np.savez(path, x=rgb[tr], y=d.target[tr], x_test=rgb[te], y_test=d.target[te])
-    return path
-
-
-def tiny_config(dataset: str, **overrides):
-    """A run of 2 epochs x 3 steps of 12 images on 8 px digits with vgg_tiny."""
-    c = run_config.base_config()
-    c.dataset = dataset
-    c.image_size = 8
-    c.val_fraction = 0.25  # 4 of 16 per class -> 48 training, 16 validation images
-    c.batch_size = 16
-    c.epochs = 2
-    c.target_model = "vgg_tiny"
-    c.source_model = "vgg_tiny"
-    c.method = "scratch"
-    c.pairs = "1-1"
-    c.eval_batch_size = 16
-    c.log_every = 2
-    c.num_workers = 1
-    c.progress_bar = False
-    for k, v in overrides.items():
-        c[k] = v
-    return c
+    return write_digits_npz(tmp_path_factory.mktemp("npz") / "digits4.npz", N_CLASSES)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_digits_npz
 from experiments import sweep
 
 CACHE = str(REPO / ".jax_cache")
@@ -28,18 +27,8 @@ CACHE = str(REPO / ".jax_cache")
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory) -> Path:
     """A config file for tiny scratch runs on digits 0-3 at 8 px (16 train + 8 test images per class)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    rgb = np.repeat(np.round(d.images * (255 / 16)).astype(np.uint8)[..., None], 3, -1)
-    rng = np.random.default_rng(0)
-    tr, te = [], []
-    for c in range(4):
-        idx = rng.permutation(np.flatnonzero(d.target == c))
-        tr.extend(idx[:16])
-        te.extend(idx[16:24])
     folder = tmp_path_factory.mktemp("sweep_cfg")
-    np.savez(folder / "digits4.npz", x=rgb[tr], y=d.target[tr], x_test=rgb[te], y_test=d.target[te])
+    write_digits_npz(folder / "digits4.npz")
     path = folder / "tiny.py"
     path.write_text(
         "from l2t_jax.run_config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
