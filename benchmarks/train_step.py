@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--T", type=int, default=2, help="matching steps in the look-ahead (paper: 2)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations after the warm-up call")
     p.add_argument("--remat", action="store_true", help="BilevelConfig(remat=True)")
-    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col"))
+    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameters and activations (BN running statistics stay float32)")
     p.add_argument("--pairs", default=None, help="default: the setting's (all_to_all)")

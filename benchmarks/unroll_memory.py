@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--Ts", default="1,2,4,8", help="comma-separated unroll lengths")
     p.add_argument("--remat_modes", default="off,on", help="comma-separated subset of off,on")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after a warm-up)")
-    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col"))
+    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--pairs", default=None, help="default: the setting's (all_to_all)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per configuration before its child is killed")
