@@ -585,8 +585,7 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
             if stop.set and meta["epoch"] < E:
                 raise _interrupted(stop, workdir, meta["epoch"], 0, spe)
         return _finish(config, plain, workdir, state, meta, wall_base + (time.time() - session_start),
-                       data.num_classes, format_pairs(setup.bilevel_config.matching.pairs),
-                       setup.bilevel_config.at_pairs)
+                       data.num_classes, setup)
     finally:
         stop.uninstall()
         tb.close()
@@ -605,8 +604,7 @@ def _interrupted(stop: _StopFlag, workdir: Path, epoch: int, step: int, spe: int
     return TrainingInterrupted(msg, stop.signum, epoch, step)
 
 
-def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, pairs: str,
-            setup_at_pairs=()) -> dict:
+def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, setup: Setup) -> dict:
     variables = jax.device_get(bilevel.target_variables(state))
     weights_lib.save_variables(workdir / "final_weights.msgpack", variables)
     # θ's matching branch (and LwF head) and φ (for figures: λ per pair and per sample, learned w).
@@ -621,10 +619,10 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "method": config.method,
         "seed": config.seed,
         "dataset": config.dataset,
-        "source_model": config.source_model if run_config.resolve_method(config).sources else None,
+        "source_model": config.source_model if setup.models.source is not None else None,
         "target_model": config.target_model,
         "num_classes": num_classes,
-        "pairs": pairs,
+        "pairs": format_pairs(setup.bilevel_config.matching.pairs),
         "epochs": config.epochs,
         "steps": meta["global_step"],
         "best_val_acc": best.get("val_acc"),
@@ -636,7 +634,7 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "final_weights": str(workdir / "final_weights.msgpack"),
         "best_weights": str(workdir / "best_weights.msgpack"),
         "final_transfer": str(workdir / "final_transfer.msgpack"),
-        "at_pairs": format_pairs(setup_at_pairs) if setup_at_pairs else None,
+        "at_pairs": format_pairs(setup.bilevel_config.at_pairs) if setup.bilevel_config.at_pairs else None,
         "history": [{k: v for k, v in r.items() if k != "train"} for r in hist],
         "config": plain,
     }

@@ -202,8 +202,43 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 
+def tinyimagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collections.ConfigDict:
+    """The paper's 32 px setting: the authors' TinyImageNet ResNet32 -> VGG9-bn, batch 128, 200 epochs.
+
+    SGD momentum 0.9, wd 1e-4, lr 0.1 cosine-annealed; β = 0.5, T = 2, Adam 1e-4 (wd 1e-4)
+    on φ; pad-4 random crop + flip, ImageNet normalisation. The source is the authors'
+    `tinyimagenet-resnet32.pth.tar` under $L2T_SHARED/reference. The method is one key
+    (README, "Choosing the method"); the default, L2T-ww all-to-all, uses the reference's
+    15 pairs 4-0 ... 14-4.
+
+    Args:
+      dataset: the data source ("tfds:NAME", "folder:PATH" or "npz:PATH").
+      data_dir: tfds data directory or the folder datasets' root ("" = default).
+    """
+    c = base_config()
+    c.dataset = dataset
+    c.data_dir = data_dir
+    c.image_size = 32
+    c.batch_size = 128
+    c.epochs = 200
+    c.method = "l2t_ww"
+    c.pairs = "all_to_all"
+    c.source_model = "resnet32"
+    c.source_weights = shared_path("reference/tinyimagenet-resnet32.pth.tar")
+    c.source_num_classes = 200
+    c.target_model = "vgg9_bn"
+    return c
+
+
 def imagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collections.ConfigDict:
     """The paper's 224 px setting: ImageNet ResNet34 -> ResNet18, batch 64, 200 epochs, L2T-ww all-to-all.
+
+    SGD momentum 0.9, wd 1e-4, lr 0.1 cosine-annealed; β = 0.5, T = 2, Adam 1e-4 (wd 1e-4)
+    on φ; RandomResizedCrop(224) + flip for training, Resize(256) + CenterCrop(224) for
+    evaluation, ImageNet normalisation. The source is a torchvision resnet34 state dict
+    (e.g. resnet34-333f7ec4.pth), by default $L2T_SHARED/weights/resnet34.pth
+    (--config.source_weights=PATH). The method is one key (README, "Choosing the
+    method"); the default, L2T-ww all-to-all, uses the reference's 16 pairs {1..4}-{1..4}.
 
     Args:
       dataset: the data source ("tfds:NAME" or "folder:PATH").

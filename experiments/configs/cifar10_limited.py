@@ -24,21 +24,10 @@ Source: the authors' tinyimagenet-resnet32.pth.tar under $L2T_SHARED/reference
 ($L2T_SHARED defaults to ../shared beside the repository).
 """
 
-from l2t_jax.run_config import base_config, data_path, shared_path
+from l2t_jax.run_config import data_path, tinyimagenet_transfer_config
 
 
 def get_config():
-    c = base_config()
-    c.dataset = "folder:cifar10-jpeg"
-    c.data_dir = data_path("")
-    c.image_size = 32
+    c = tinyimagenet_transfer_config("folder:cifar10-jpeg", data_path(""))
     c.n_per_class = 50
-    c.batch_size = 128
-    c.epochs = 200
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
-    c.source_model = "resnet32"
-    c.source_weights = shared_path("reference/tinyimagenet-resnet32.pth.tar")
-    c.source_num_classes = 200
-    c.target_model = "vgg9_bn"
     return c
