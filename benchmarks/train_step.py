@@ -1,7 +1,7 @@
 """Time and memory of one full L2T-ww training iteration, against a plain SGD step.
 
     python -m benchmarks.train_step --setting stl10|cub200 [--batch B] [--T T] [--iters N]
-        [--remat] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
+        [--remat] [--no_unroll] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
         [--pairs all_to_all|m-n,...] [--no_plain] [--seed S] [--compilation_cache DIR]
         [--compare_torch [--torch_mode adjoint|unroll] [--torch_threads N] [--torch_device D]]
 
@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--T", type=int, default=2, help="matching steps in the look-ahead (paper: 2)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations after the warm-up call")
     p.add_argument("--remat", action="store_true", help="BilevelConfig(remat=True)")
+    p.add_argument("--no_unroll", action="store_true",
+                   help="BilevelConfig(unroll=False): the look-ahead steps as a loop (default: unrolled)")
     p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameters and activations (BN running statistics stay float32)")
@@ -101,7 +103,8 @@ def build(args):
     target = get_model(s.target, s.target_classes, conv_impl=args.conv_impl)
     source = get_model(s.source, s.source_classes, conv_impl=args.conv_impl)
     pairs = transfer.resolve_pairs(args.pairs or s.pairs, s.source, s.target, s.image_size)
-    cfg = bilevel.BilevelConfig(matching=transfer.MatchingConfig(pairs=pairs, method="l2t_ww"), T=args.T, remat=args.remat)
+    cfg = bilevel.BilevelConfig(matching=transfer.MatchingConfig(pairs=pairs, method="l2t_ww"), T=args.T, remat=args.remat,
+                                 unroll=not args.no_unroll)
     models = bilevel.Models(target, source)
     src_ch, tgt_ch = model_info(s.source).tap_channels, model_info(s.target).tap_channels
     shape = (args.batch, s.image_size, s.image_size, 3)
@@ -241,6 +244,7 @@ def run_jax(args) -> dict:
         "batch": args.batch,
         "T": args.T,
         "remat": bool(args.remat),
+        "unroll": not args.no_unroll and not args.remat,
         "conv_impl": args.conv_impl,
         "dtype": args.dtype,
         "iters": args.iters,

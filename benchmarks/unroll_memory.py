@@ -1,11 +1,13 @@
 """Peak memory and time of one training iteration against the unroll length T, with and without remat.
 
     python -m benchmarks.unroll_memory [--setting stl10] [--batch 128] [--Ts 1,2,4,8] [--iters 2]
-        [--remat_modes off,on] [--conv_impl auto] [--timeout 3600] [--out FILE.json]
+        [--remat_modes off,on,loop] [--conv_impl auto] [--timeout 3600] [--out FILE.json]
 
-For each T and each remat mode (`BilevelConfig(remat=...)`) one
-`python -m benchmarks.train_step ... --no_plain` runs in a fresh child process, so
-peaks never accumulate across configurations. Per configuration:
+For each T and each mode one `python -m benchmarks.train_step ... --no_plain` runs
+in a fresh child process, so peaks never accumulate across configurations. Modes:
+"off" (no remat; the look-ahead steps unrolled, the default `BilevelConfig`), "on"
+(`remat=True`; the steps stay a loop) and "loop" (no remat, `unroll=False`: the
+steps as a `lax.scan` loop, for comparison with "off"). Per configuration:
 
 * iter_s_median, compile_s (from the child);
 * peak_mem_gb: GPU, the device's peak_bytes_in_use; CPU, the child's RSS sampled
@@ -39,6 +41,9 @@ from pathlib import Path
 from benchmarks import common
 from benchmarks.common import gb, log, rounded
 
+#: mode -> (remat, unroll) of the child's BilevelConfig
+MODES = {"off": (False, True), "on": (True, True), "loop": (False, False)}
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -47,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--setting", default="stl10", choices=sorted(common.SETTINGS))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--Ts", default="1,2,4,8", help="comma-separated unroll lengths")
-    p.add_argument("--remat_modes", default="off,on", help="comma-separated subset of off,on")
+    p.add_argument("--remat_modes", default="off,on", help="comma-separated subset of off,on,loop")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after a warm-up)")
     p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -63,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     modes = [m.strip() for m in args.remat_modes.split(",") if m.strip()]
     if not args.Ts or any(t < 1 for t in args.Ts):
         p.error("--Ts must list integers >= 1")
-    if not modes or any(m not in ("off", "on") for m in modes):
-        p.error("--remat_modes must be a comma-separated subset of off,on")
-    args.remat_modes = [m == "on" for m in modes]
+    if not modes or any(m not in MODES for m in modes):
+        p.error("--remat_modes must be a comma-separated subset of off,on,loop")
+    args.remat_modes = modes
     return args
 
 
@@ -91,22 +96,26 @@ def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, int, flo
     return proc.returncode, text, maxrss, wall
 
 
-def measure(args, T: int, remat: bool) -> dict:
+def measure(args, T: int, mode: str) -> dict:
+    remat, unroll = MODES[mode]
     cmd = [
         sys.executable, "-m", "benchmarks.train_step", "--setting", args.setting, "--batch", str(args.batch),
         "--T", str(T), "--iters", str(args.iters), "--conv_impl", args.conv_impl, "--dtype", args.dtype, "--no_plain",
     ]
     if remat:
         cmd.append("--remat")
+    if not unroll:
+        cmd.append("--no_unroll")
     if args.pairs:
         cmd += ["--pairs", args.pairs]
     if args.compilation_cache:
         cmd += ["--compilation_cache", args.compilation_cache]
     rc, text, maxrss, wall = run_child(cmd, args.timeout)
-    row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "remat": remat}
+    row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "remat": remat,
+           "unroll": unroll and not remat, "mode": mode}
     if rc != 0:
         why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
-        log(f"T={T} remat={remat}: child failed: {why}")
+        log(f"T={T} mode={mode}: child failed: {why}")
         row.update(error=why, exit_code=rc, child_max_rss_gb=gb(maxrss), child_wall_s=rounded(wall, 1))
         return row
     r = common.parse_last_json(text)
@@ -133,42 +142,47 @@ def measure(args, T: int, remat: bool) -> dict:
     return row
 
 
+def _mode_label(r: dict) -> str:
+    return {"off": "off (unrolled)", "on": "remat", "loop": "off (loop)"}.get(r.get("mode", ""), str(r.get("mode")))
+
+
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table; the last column compares each remat row with the same T without remat."""
-    base = {r["T"]: r for r in rows if not r["remat"] and "error" not in r}
+    """Markdown table; the last columns compare each row with the same T in mode "off"."""
+    base = {r["T"]: r for r in rows if r.get("mode", "off") == "off" and "error" not in r}
     lines = [
-        "| T | remat | iter s (median) | compile s | peak mem GB | child max RSS GB | XLA temp GB | peak vs no-remat |",
-        "|---|---|---|---|---|---|---|---|",
+        "| T | mode | iter s (median) | compile s | peak mem GB | child max RSS GB | XLA temp GB | peak vs off | time vs off |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['T']} | {'on' if r['remat'] else 'off'} | {r['error']} | — | — | "
-                         f"{_fmt(r.get('child_max_rss_gb'), '.2f')} | — | — |")
+            lines.append(f"| {r['T']} | {_mode_label(r)} | {r['error']} | — | — | "
+                         f"{_fmt(r.get('child_max_rss_gb'), '.2f')} | — | — | — |")
             continue
         b = base.get(r["T"])
-        rel = "—"
-        if r["remat"] and b and b.get("peak_mem_gb"):
+        rel = rel_t = "—"
+        if b is not None and b is not r and b.get("peak_mem_gb"):
             rel = f"{r['peak_mem_gb'] / b['peak_mem_gb']:.2f}x"
+            rel_t = f"{r['iter_s_median'] / b['iter_s_median']:.2f}x"
         lines.append(
-            f"| {r['T']} | {'on' if r['remat'] else 'off'} | {_fmt(r['iter_s_median'], '.3f')} | "
+            f"| {r['T']} | {_mode_label(r)} | {_fmt(r['iter_s_median'], '.3f')} | "
             f"{_fmt(r['compile_s'], '.1f')} | {_fmt(r['peak_mem_gb'], '.3f')} | {_fmt(r['child_max_rss_gb'], '.3f')} | "
-            f"{_fmt(r.get('xla_temp_gb'), '.3f')} | {rel} |"
+            f"{_fmt(r.get('xla_temp_gb'), '.3f')} | {rel} | {rel_t} |"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    configs = [(T, remat) for T in args.Ts for remat in args.remat_modes]
+    configs = [(T, mode) for T in args.Ts for mode in args.remat_modes]
     log(f"{len(configs)} configurations ({args.setting}, batch {args.batch}), one child process each")
     rows = []
-    for i, (T, remat) in enumerate(configs, 1):
-        log(f"[{i}/{len(configs)}] T={T} remat={'on' if remat else 'off'}")
-        row = measure(args, T, remat)
+    for i, (T, mode) in enumerate(configs, 1):
+        log(f"[{i}/{len(configs)}] T={T} mode={mode}")
+        row = measure(args, T, mode)
         rows.append(row)
         common.emit(row)
     print(table(rows), flush=True)

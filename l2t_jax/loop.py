@@ -205,7 +205,7 @@ def build(config: ml_collections.ConfigDict, pairs, num_classes: int) -> Setup:
         ),
         T=config.T, scheme=resolved.scheme, momentum=config.momentum, weight_decay=config.wd,
         meta_lr=config.meta_lr, meta_weight_decay=config.meta_wd, bn_updates=config.bn_updates,
-        remat=config.remat, lwf_weight=resolved.lwf_weight, lwf_temperature=config.lwf_temperature,
+        remat=config.remat, unroll=config.unroll, lwf_weight=resolved.lwf_weight, lwf_temperature=config.lwf_temperature,
         at_pairs=resolved.at_pairs, at_beta=config.at_beta,
     )
     models = bilevel.Models(target, source)
@@ -406,6 +406,33 @@ def train(
         ckpt.close()
 
 
+def _data_parallel_step(config, setup: Setup, n_train: int) -> Callable:
+    """`parallel.make_parallel_train_step` over this process's devices, after checking the batch sizes."""
+    from l2t_jax import parallel
+
+    if jax.process_count() > 1:
+        raise run_config.ConfigError(
+            "config.data_parallel splits batches over one process's devices; on several hosts build the step "
+            "with l2t_jax.parallel.make_parallel_train_step (each process feeding its rows of the global batch)"
+        )
+    mesh = parallel.make_mesh(jax.local_devices())
+    n, B = mesh.size, config.batch_size
+    if B % n:
+        raise run_config.ConfigError(
+            f"config.batch_size={B} does not divide among the {n} devices of config.data_parallel="
+            f"{config.data_parallel!r}: use a multiple of {n}"
+        )
+    last = n_train % B
+    if last and not config.drop_last and last % n:
+        raise run_config.ConfigError(
+            f"the last batch of each epoch has {last} of the {n_train} training images, which does not divide among "
+            f"the {n} devices of config.data_parallel={config.data_parallel!r}: set config.drop_last=True, or a "
+            f"batch size that leaves a multiple of {n}"
+        )
+    log.info("data-parallel training step over %d devices (%s BN statistics)", n, config.data_parallel)
+    return parallel.make_parallel_train_step(setup.models, setup.bilevel_config, mesh, bn=config.data_parallel)
+
+
 def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, data: RunData, setup: Setup,
                 *, stop_after_steps, step_fn_wrapper) -> dict:
     E, B = config.epochs, config.batch_size
@@ -438,7 +465,10 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
 
     # purge_step: TensorBoard drops events from a previous session at or after this step
     tb = SummaryWriter(str(workdir / "tb"), purge_step=meta["global_step"])
-    step_fn = bilevel.make_train_step(setup.models, setup.bilevel_config)
+    if config.data_parallel:
+        step_fn = _data_parallel_step(config, setup, len(data.train))
+    else:
+        step_fn = bilevel.make_train_step(setup.models, setup.bilevel_config)
     if step_fn_wrapper is not None:
         step_fn = step_fn_wrapper(step_fn)
     stop = _StopFlag()

@@ -40,12 +40,21 @@ Transfer
                      (one per pair); the matching losses add up. Matching methods only.
   beta (0.5), lambda_type ("relu6"), lambda_init (1.0), meta_kind ("network" | "weights"),
   meta_lr (1e-4), meta_wd (1e-4), T (2), scheme ("proposed" | "original" | "first_order"),
-  bn_updates ("reference" | "single"), remat.
+  bn_updates ("reference" | "single"), remat (rematerialise the look-ahead steps: less
+  memory, ~10 % more time), unroll (True: the look-ahead steps as straight-line code when
+  remat is off; faster, longer compile for large T). remat and unroll change no numbers:
+  a run may resume with either changed.
 Models
   source_model, source_weights (.pth/.pth.tar/.msgpack), source_num_classes (0 = from the
   weights), target_model, target_weights (optional initialisation; a classifier of another
   size is re-initialised), conv_impl ("auto" | "xla" | "im2col").
 Run
+  data_parallel      "" (one device) | "sync" | "local": the training step data-parallel
+                     over this process's devices (`l2t_jax.parallel`; the batch split across
+                     them, gradients and meta-gradients averaged). "sync": BN statistics
+                     over the whole batch (the same numbers as one device); "local": per
+                     device. batch_size (and the last batch, unless drop_last) must divide
+                     among the devices. Several hosts: `parallel.make_parallel_train_step`.
   eval_batch_size, log_every (steps between metric fetches/log lines),
   checkpoint_every_epochs, max_checkpoints, progress_bar.
 """
@@ -68,7 +77,10 @@ from l2t_jax.models.layers import CONV_IMPLS
 NAMED_PAIRS = ("all_to_all", "one_to_one", "single")
 BUILTIN_DATASETS = ("digits",)
 # Keys a resumed run may change (they do not affect the numbers).
-RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline"})
+#: config.data_parallel: off, or `parallel.BN_MODES`
+DATA_PARALLEL = ("", "sync", "local")
+
+RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll"})
 
 
 class ConfigError(ValueError):
@@ -185,6 +197,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.scheme = "proposed"
     c.bn_updates = "reference"
     c.remat = False
+    c.unroll = True
     # models
     c.source_model = "resnet34"
     c.source_weights = ""
@@ -198,6 +211,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_epochs = 1
     c.max_checkpoints = 2
     c.progress_bar = True
+    c.data_parallel = ""
     return c
 
 
@@ -416,6 +430,7 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     _choice(config, "meta_kind", transfer.META_KINDS)
     _choice(config, "lambda_type", transfer.LAMBDA_TYPES)
     _choice(config, "conv_impl", CONV_IMPLS)
+    _choice(config, "data_parallel", DATA_PARALLEL)
     positive = ("epochs", "batch_size", "T", "eval_batch_size", "log_every", "checkpoint_every_epochs",
                 "max_checkpoints", "image_size")
     for key in positive:

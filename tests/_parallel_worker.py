@@ -12,6 +12,8 @@ Modes:
   process ID NPROC PORT OUT L   one of NPROC processes on 127.0.0.1:PORT with L local
                                 CPU devices each: trains STEPS steps (sync and local BN)
                                 on the global mesh and writes the final states to OUT (.npz).
+  runner N OUT                  one process, N CPU devices: the runner (loop.train) with
+                                config.data_parallel "" and "sync" in OUT.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 
 if __name__ == "__main__":  # before jax is imported
     mode = sys.argv[1]
-    local = int(sys.argv[2]) if mode == "devices" else int(sys.argv[6])
+    local = int(sys.argv[2]) if mode in ("devices", "runner") else int(sys.argv[6])
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={local}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -263,13 +265,54 @@ def process_mode(pid: int, nproc: int, port: int, out: str, local: int) -> dict:
             "local_devices": jax.local_device_count()}
 
 
+def runner_mode(out: str) -> dict:
+    """The runner (`loop.train`, L2T-ww on 8 px digits) with config.data_parallel "" (one
+    device) and "sync" (every device): the logged training metrics of every step, and
+    the ConfigError of a batch that does not divide among the devices."""
+    import pathlib
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import tiny_config, write_digits_npz
+    from l2t_jax import loop, run_config, weights
+    from l2t_jax.models import get_model, init_model
+
+    root = pathlib.Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    npz = write_digits_npz(root / "digits.npz", 4)
+    src = root / "source.msgpack"
+    weights.save_variables(src, jax.device_get(init_model(get_model("vgg_tiny", 7), jax.random.key(7), 8)))
+    result = {"devices": jax.device_count()}
+    for dp in ("", "sync"):
+        c = tiny_config(f"npz:{npz}", method="l2t_ww", source_weights=str(src), pairs="1-1,2-2", T=1,
+                        log_every=1, eval_batch_size=32, data_parallel=dp)
+        seen = []  # the devices the runner's step function spans (`parallel` sets num_devices)
+        summary = loop.train(c, root / f"run_{dp or 'single'}",
+                             step_fn_wrapper=lambda f: seen.append(getattr(f, "num_devices", 1)) or f)
+        lines = [json.loads(line) for line in (root / f"run_{dp or 'single'}" / "metrics.jsonl").read_text().splitlines()]
+        result[dp or "single"] = {
+            "train": [{k: line[k] for k in ("step", "loss", "ce", "wfm", "outer_loss")} for line in lines
+                      if line["kind"] == "train"],
+            "last_test_acc": summary["last_test_acc"],
+            "step_devices": seen,
+        }
+    try:
+        loop.train(tiny_config(f"npz:{npz}", batch_size=6, data_parallel="sync"), root / "run_bad")
+        result["error"] = None
+    except run_config.ConfigError as e:
+        result["error"] = str(e)
+    return result
+
+
 if __name__ == "__main__":
-    jax.config.update("jax_enable_x64", True)
+    if mode != "runner":
+        jax.config.update("jax_enable_x64", True)
     if os.environ.get("L2T_JAX_CACHE"):
         jax.config.update("jax_compilation_cache_dir", os.environ["L2T_JAX_CACHE"])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if mode == "devices":
         result = devices_mode(int(sys.argv[2]), sys.argv[3])
+    elif mode == "runner":
+        result = runner_mode(sys.argv[3])
     elif mode == "process":
         result = process_mode(*(int(a) for a in sys.argv[2:4]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
     else:

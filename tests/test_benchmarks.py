@@ -75,8 +75,9 @@ def test_train_step_with_torch_comparison():
 
 def test_unroll_memory_table():
     records, stdout = _run("benchmarks.unroll_memory", "--setting", "tiny", "--batch", "2", "--Ts", "1",
-                           "--iters", "1", "--compilation_cache", CACHE)
-    assert [(r["T"], r["remat"]) for r in records] == [(1, False), (1, True)]
+                           "--remat_modes", "off,on,loop", "--iters", "1", "--compilation_cache", CACHE)
+    assert [(r["T"], r["mode"], r["remat"], r["unroll"]) for r in records] == [
+        (1, "off", False, True), (1, "on", True, False), (1, "loop", False, False)]
     for r in records:
         assert "error" not in r, r
         _positive(r, "iter_s_median", "peak_mem_gb", "child_max_rss_gb")

@@ -305,3 +305,28 @@ def test_config_errors():
         bilevel.BilevelConfig(T=0)
     with pytest.raises(ValueError, match="bn_updates"):
         bilevel.BilevelConfig(bn_updates="double")
+
+
+@pytest.mark.parametrize("scheme", ["proposed", "original"])
+def test_unrolled_lookahead_gives_the_same_meta_gradient(scheme):
+    """`unroll` (the default) traces the T steps without a loop; the meta-gradient is the loop's."""
+    cfg, state, sv, x, y = _setup(T=3, scheme=scheme)
+    assert cfg.unroll
+    rolled = dataclasses.replace(cfg, unroll=False)
+    g1 = _outer_fn(cfg, state, sv, x, y)(state.meta_params)
+    g2 = _outer_fn(rolled, state, sv, x, y)(state.meta_params)
+    np.testing.assert_allclose(g1[0], g2[0], rtol=1e-13)
+    for a, b in zip(jax.tree.leaves(g1[1]), jax.tree.leaves(g2[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-16)
+
+    def has_loop(c):
+        src_feats = bilevel.source_features(SOURCE, sv, x)
+        jaxpr = jax.make_jaxpr(
+            lambda phi: bilevel.lookahead_loss(phi, state.params, state.opt_state, state.batch_stats, x, y, src_feats,
+                                               model=TARGET, cfg=c)[0]
+        )(state.meta_params)
+        return any(e.primitive.name in ("scan", "while") for e in jaxpr.jaxpr.eqns)
+
+    assert not has_loop(cfg)
+    assert has_loop(rolled)
+    assert has_loop(dataclasses.replace(cfg, remat=True))  # remat keeps the loop (its memory saving)

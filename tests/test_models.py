@@ -279,3 +279,25 @@ def test_import_errors_name_the_key():
     msg = str(e.value)
     assert "block3.downsample.0.weight" in msg and "(32, 16, 1, 1)" in msg
     assert "blocks4.1.bn2.running_var" in msg and "(7,)" in msg and "(32,)" in msg
+
+
+def test_max_pool_2x2_ties_and_nan_as_pytorch():
+    """Ties (many, from small integers): the same values as `F.max_pool2d(2)`, and the whole
+    gradient goes to the first maximum in PyTorch's scan order; odd sizes drop the last
+    row/column; a NaN in a window propagates."""
+    from l2t_jax.models.layers import max_pool_2x2
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (3, 7, 6, 4)).astype(np.float64)  # H odd: its last row is dropped
+    g = rng.standard_normal((3, 3, 3, 4))
+    got, vjp = jax.vjp(max_pool_2x2, jnp.asarray(x))
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    want = torch.nn.functional.max_pool2d(tx, 2)
+    want.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(got, want.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], tx.grad.numpy().transpose(0, 2, 3, 1))
+    hits = np.sum(x[:, :6] == np.repeat(np.repeat(np.asarray(got), 2, 1), 2, 2))
+    assert hits - got.size > 50  # windows with tied maxima: the test tests the tie rule
+
+    x[0, 1, 0, 0] = np.nan
+    assert np.isnan(max_pool_2x2(jnp.asarray(x))[0, 0, 0, 0])

@@ -95,6 +95,25 @@ def test_indivisible_global_batch_is_a_clear_error(four_devices):
     assert r["indivisible_error"] and "not divisible by the number of devices 4" in r["indivisible_error"]
 
 
+def test_runner_data_parallel_equals_one_device(tmp_path):
+    """`--config.data_parallel=sync` on 4 devices trains as one device does (float32: the
+    batch sums are split over devices), and a batch that does not divide is refused."""
+    proc = subprocess.run([sys.executable, str(WORKER), "runner", "4", str(tmp_path)], capture_output=True,
+                          text=True, timeout=900, env=_env(cache=True), cwd=REPO)
+    assert proc.returncode == 0, _tail(proc.stdout + proc.stderr)
+    r = _result(proc.stdout)
+    assert r["devices"] == 4
+    assert r["single"]["step_devices"] == [1] and r["sync"]["step_devices"] == [4]
+    single, sync = r["single"]["train"], r["sync"]["train"]
+    assert len(single) == len(sync) == 6  # 2 epochs x 3 steps, a line per step
+    for a, b in zip(single, sync):
+        assert a["step"] == b["step"]
+        for k in ("loss", "ce", "wfm", "outer_loss"):
+            assert b[k] == pytest.approx(a[k], rel=2e-4, abs=1e-6), (a["step"], k, a[k], b[k])
+    assert abs(r["sync"]["last_test_acc"] - r["single"]["last_test_acc"]) <= 100 / 32 + 1e-6  # one image at most
+    assert r["error"] and "batch_size=6" in r["error"] and "4 devices" in r["error"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -224,8 +224,24 @@ class Linear(nn.Module):
         return jnp.matmul(x, kernel.astype(x.dtype), precision=_HIGHEST) + bias.astype(x.dtype)
 
 
+def _first_max(a: Array, b: Array) -> Array:
+    """max(a, b) as PyTorch's max-pool scan takes it: b wins only when greater (or NaN)."""
+    return jnp.where((b > a) | jnp.isnan(b), b, a)
+
+
 def max_pool_2x2(x: Array) -> Array:
-    """`nn.MaxPool2d(2, 2)` as a reshape + max (XLA's CPU reduce_window is slow here).
+    """`nn.MaxPool2d(2, 2)` as elementwise selects between the window's elements.
+
+    Each row of the window is reduced first ((0,0) vs (0,1), (1,0) vs (1,1)), then
+    the rows; a later element wins only when strictly greater, so a tie goes to the
+    first maximum in PyTorch's scan order and the whole gradient flows to that one
+    element, as in PyTorch (a reduce_max would split it between tied elements); a
+    NaN propagates. Its derivative is a chain of selects on comparison results, not
+    the equality test `x == max(x)` that differentiating a reduce_max builds: XLA's
+    algebraic simplifier can rewrite the two sides of that test differently, which
+    moved the float64 meta-gradient of an unrolled look-ahead by 2-8 %
+    (tests/test_bilevel.py). Plain elementwise ops, which XLA's CPU backend fuses
+    (its reduce_window is slow here); the backward is ~15 % faster than a reduce_max's.
 
     Args:
       x: (B, H, W, C); odd trailing rows/columns are dropped as PyTorch does.
@@ -233,8 +249,9 @@ def max_pool_2x2(x: Array) -> Array:
       (B, H // 2, W // 2, C).
     """
     b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2, :]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    x = x[:, : h - h % 2, : w - w % 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
+    rows = _first_max(x[:, :, :, :, 0, :], x[:, :, :, :, 1, :])  # (B, H/2, 2, W/2, C)
+    return _first_max(rows[:, :, 0], rows[:, :, 1])
 
 
 def max_pool_3x3_s2_p1(x: Array) -> Array:
