@@ -244,7 +244,7 @@ def run_jax(args) -> dict:
         "batch": args.batch,
         "T": args.T,
         "remat": bool(args.remat),
-        "unroll": not args.no_unroll and not args.remat,
+        "unroll": cfg.unrolled,
         "conv_impl": args.conv_impl,
         "dtype": args.dtype,
         "iters": args.iters,

@@ -228,6 +228,11 @@ class BilevelConfig:
             raise ValueError("lwf_weight and at_beta must be >= 0 and lwf_temperature > 0")
 
     @property
+    def unrolled(self) -> bool:
+        """Whether the look-ahead steps are traced without a loop (`unroll`, and remat off)."""
+        return self.unroll and not self.remat
+
+    @property
     def uses_source(self) -> bool:
         """Whether a step needs the source network's outputs."""
         return bool(self.matching.pairs) or self.lwf_weight > 0 or bool(self.at_pairs)
@@ -463,7 +468,7 @@ def lookahead_loss(
 
     if cfg.remat:
         inner_step = jax.checkpoint(inner_step)
-    if cfg.unroll and not cfg.remat:
+    if cfg.unrolled:
         # A Python loop: the same program as lax.scan(unroll=True) would give, traced directly.
         carry, outs = (params, opt_state), []
         for _ in range(cfg.T):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2t_jax import bilevel, data as data_lib, run_config, weights as weights_lib
+from l2t_jax import bilevel, data as data_lib, parallel, run_config, weights as weights_lib
 from l2t_jax.checkpoint import Checkpointer
 from l2t_jax.models import get_model, init_model, model_info
 from l2t_jax.schedule import cosine_epoch_lr
@@ -408,28 +408,27 @@ def train(
 
 def _data_parallel_step(config, setup: Setup, n_train: int) -> Callable:
     """`parallel.make_parallel_train_step` over this process's devices, after checking the batch sizes."""
-    from l2t_jax import parallel
-
     if jax.process_count() > 1:
         raise run_config.ConfigError(
             "config.data_parallel splits batches over one process's devices; on several hosts build the step "
             "with l2t_jax.parallel.make_parallel_train_step (each process feeding its rows of the global batch)"
         )
     mesh = parallel.make_mesh(jax.local_devices())
-    n, B = mesh.size, config.batch_size
-    if B % n:
-        raise run_config.ConfigError(
-            f"config.batch_size={B} does not divide among the {n} devices of config.data_parallel="
-            f"{config.data_parallel!r}: use a multiple of {n}"
-        )
-    last = n_train % B
-    if last and not config.drop_last and last % n:
-        raise run_config.ConfigError(
-            f"the last batch of each epoch has {last} of the {n_train} training images, which does not divide among "
-            f"the {n} devices of config.data_parallel={config.data_parallel!r}: set config.drop_last=True, or a "
-            f"batch size that leaves a multiple of {n}"
-        )
-    log.info("data-parallel training step over %d devices (%s BN statistics)", n, config.data_parallel)
+    B, last = config.batch_size, n_train % config.batch_size
+
+    def check(size: int, what: str) -> None:
+        try:
+            parallel.check_batch_size(mesh, size)
+        except ValueError as e:
+            raise run_config.ConfigError(
+                f"{what} with config.data_parallel={config.data_parallel!r} over {mesh.size} devices: {e}"
+            ) from None
+
+    check(B, f"config.batch_size={B}")
+    if last and not config.drop_last:
+        check(last, f"the last batch of each epoch ({last} of the {n_train} training images; "
+                    f"or set config.drop_last=True)")
+    log.info("data-parallel training step over %d devices (%s BN statistics)", mesh.size, config.data_parallel)
     return parallel.make_parallel_train_step(setup.models, setup.bilevel_config, mesh, bn=config.data_parallel)
 
 

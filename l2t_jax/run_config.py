@@ -73,13 +73,13 @@ from l2t_jax import transfer
 from l2t_jax.bilevel import BN_UPDATES, SCHEMES
 from l2t_jax.models import available_models, model_info
 from l2t_jax.models.layers import CONV_IMPLS
+from l2t_jax.parallel import BN_MODES
 
 NAMED_PAIRS = ("all_to_all", "one_to_one", "single")
 BUILTIN_DATASETS = ("digits",)
+#: config.data_parallel: "" (off), or one of `parallel.BN_MODES`
+DATA_PARALLEL = ("",) + BN_MODES
 # Keys a resumed run may change (they do not affect the numbers).
-#: config.data_parallel: off, or `parallel.BN_MODES`
-DATA_PARALLEL = ("", "sync", "local")
-
 RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll"})
 
 
@@ -272,6 +272,7 @@ def imagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collections
     c.target_model = "resnet18"
     c.eval_batch_size = 128
     return c
+
 
 def shared_path(rel: str) -> str:
     """`rel` under the shared artefacts folder: $L2T_SHARED, else ../shared beside the repository."""
