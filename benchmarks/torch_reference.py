@@ -24,8 +24,12 @@ Written from the reference's algorithm (alinlab/L2T-ww `train_l2t_ww.py` and
      product per step, accumulated into φ's `.grad`. The walk ends at θ₁, so
      θ is restored (and BN statistics see a second update, as the reference).
      Snapshots are tensor clones (the reference deep-copies state dicts: the
-     same copies). A parameter SGD skipped in a step (no gradient: PyTorch ≥ 2
-     semantics, as l2t_jax) passes its adjoint through unchanged;
+     same copies). Every parameter takes every SGD step, also one the step's
+     loss does not touch: as in the reference's loop, where the real step gives
+     every parameter a `.grad` and PyTorch 1.0's `zero_grad` keeps it as a zero
+     tensor (here `zero_grad(set_to_none=False)`), it moves by weight decay and
+     momentum, and its adjoint goes through that update with a zero
+     Hessian-vector product;
    * `unroll`: the look-ahead rebuilt functionally (`torch.func.functional_call`)
      with `create_graph=True` gradients, one backward of the outer loss to φ;
      θ and BN buffers are then restored to θ₁;
@@ -220,7 +224,7 @@ class TorchL2T:
                 self.opt.state[self.params[i]]["momentum_buffer"].copy_(v)
 
     def sgd_step(self, kind: str):
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=False)  # PyTorch 1.0: grads stay as zero tensors, SGD skips none
         self.objective(kind).backward()
         self.opt.step()
 
@@ -243,7 +247,7 @@ class TorchL2T:
             saved.append(self.snapshot())
             self.sgd_step(kind)
         # 3. outer loss at θ⁺
-        self.opt.zero_grad()
+        self.opt.zero_grad(set_to_none=False)
         self.meta_opt.zero_grad()
         self.objective("ce").backward()
         # 4. adjoint through SGD (θ̄ = a0, momentum-buffer adjoint b̄ = a1), newest step first
@@ -254,12 +258,12 @@ class TorchL2T:
             grads = torch.autograd.grad(self.objective(kind), self.params, create_graph=True, allow_unused=True)
             v = [b - LR * a for a, b in zip(a0, a1)]  # ∂L/∂(buf_new) seen through θ_new = θ - lr·buf_new
             dot = sum((g * vi).sum() for g, vi in zip(grads, v) if g is not None)
-            self.opt.zero_grad()
+            self.opt.zero_grad(set_to_none=True)
             dot.backward()  # HVP into θ's .grad, and ∂/∂φ accumulated into φ's .grad
             with torch.no_grad():
-                for i, (p, g) in enumerate(zip(self.params, grads)):
-                    if g is None:  # SGD skipped this parameter in this step: its adjoints pass unchanged
-                        continue
+                for i, p in enumerate(self.params):
+                    # a parameter the step's loss does not touch still took the step (zero gradient):
+                    # its adjoint goes through weight decay and momentum with a zero HVP
                     hvp = p.grad if p.grad is not None else 0.0
                     a0[i] = a0[i] + WD * v[i] + hvp
                     a1[i] = MOMENTUM * v[i]
@@ -275,10 +279,8 @@ class TorchL2T:
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
             new_params = {}
             for (n, p), g in zip(params.items(), grads):
-                if g is None:  # PyTorch's SGD skips a parameter without a gradient
-                    new_params[n] = p
-                    continue
-                d = g + WD * p
+                # the reference's loop: a parameter the loss does not touch has a zero gradient, not none
+                d = (g if g is not None else torch.zeros_like(p)) + WD * p
                 bufs[n] = MOMENTUM * bufs[n] + d
                 new_params[n] = p - LR * bufs[n]
             params = new_params

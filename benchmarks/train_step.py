@@ -1,7 +1,7 @@
 """Time and memory of one full L2T-ww training iteration, against a plain SGD step.
 
     python -m benchmarks.train_step --setting stl10|cub200 [--batch B] [--T T] [--iters N]
-        [--remat] [--no_unroll] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
+        [--remat] [--no_unroll] [--hvp reverse|mixed] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
         [--pairs all_to_all|m-n,...] [--no_plain] [--seed S] [--compilation_cache DIR]
         [--compare_torch [--torch_mode adjoint|unroll] [--torch_threads N] [--torch_device D]]
 
@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action="store_true", help="BilevelConfig(remat=True)")
     p.add_argument("--no_unroll", action="store_true",
                    help="BilevelConfig(unroll=False): the look-ahead steps as a loop (default: unrolled)")
+    p.add_argument("--hvp", default="reverse", choices=("reverse", "mixed"),
+                   help="BilevelConfig(hvp=...): reverse over reverse, or mixed (forward-over-reverse HVPs)")
     p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameters and activations (BN running statistics stay float32)")
@@ -104,7 +106,7 @@ def build(args):
     source = get_model(s.source, s.source_classes, conv_impl=args.conv_impl)
     pairs = transfer.resolve_pairs(args.pairs or s.pairs, s.source, s.target, s.image_size)
     cfg = bilevel.BilevelConfig(matching=transfer.MatchingConfig(pairs=pairs, method="l2t_ww"), T=args.T, remat=args.remat,
-                                 unroll=not args.no_unroll)
+                                 unroll=not args.no_unroll, hvp=args.hvp)
     models = bilevel.Models(target, source)
     src_ch, tgt_ch = model_info(s.source).tap_channels, model_info(s.target).tap_channels
     shape = (args.batch, s.image_size, s.image_size, 3)
@@ -245,6 +247,7 @@ def run_jax(args) -> dict:
         "T": args.T,
         "remat": bool(args.remat),
         "unroll": cfg.unrolled,
+        "hvp": args.hvp,
         "conv_impl": args.conv_impl,
         "dtype": args.dtype,
         "iters": args.iters,

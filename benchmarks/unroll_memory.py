@@ -41,8 +41,9 @@ from pathlib import Path
 from benchmarks import common
 from benchmarks.common import gb, log, rounded
 
-#: mode -> (remat, unroll) of the child's BilevelConfig
-MODES = {"off": (False, True), "on": (True, True), "loop": (False, False)}
+#: mode -> (remat, unroll, hvp) of the child's BilevelConfig
+MODES = {"off": (False, True, "reverse"), "on": (True, True, "reverse"), "loop": (False, False, "reverse"),
+         "mixed": (False, True, "mixed"), "mixed_loop": (False, False, "mixed")}
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--setting", default="stl10", choices=sorted(common.SETTINGS))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--Ts", default="1,2,4,8", help="comma-separated unroll lengths")
-    p.add_argument("--remat_modes", default="off,on", help="comma-separated subset of off,on,loop")
+    p.add_argument("--remat_modes", default="off,on",
+                   help="comma-separated subset of off,on,loop (reverse-over-reverse meta-gradient), "
+                        "mixed,mixed_loop (hvp='mixed', unrolled / as a loop)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after a warm-up)")
     p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -69,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.Ts or any(t < 1 for t in args.Ts):
         p.error("--Ts must list integers >= 1")
     if not modes or any(m not in MODES for m in modes):
-        p.error("--remat_modes must be a comma-separated subset of off,on,loop")
+        p.error(f"--remat_modes must be a comma-separated subset of {','.join(MODES)}")
     args.remat_modes = modes
     return args
 
@@ -97,7 +100,7 @@ def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, int, flo
 
 
 def measure(args, T: int, mode: str) -> dict:
-    remat, unroll = MODES[mode]
+    remat, unroll, hvp = MODES[mode]
     cmd = [
         sys.executable, "-m", "benchmarks.train_step", "--setting", args.setting, "--batch", str(args.batch),
         "--T", str(T), "--iters", str(args.iters), "--conv_impl", args.conv_impl, "--dtype", args.dtype, "--no_plain",
@@ -106,13 +109,15 @@ def measure(args, T: int, mode: str) -> dict:
         cmd.append("--remat")
     if not unroll:
         cmd.append("--no_unroll")
+    if hvp != "reverse":
+        cmd += ["--hvp", hvp]
     if args.pairs:
         cmd += ["--pairs", args.pairs]
     if args.compilation_cache:
         cmd += ["--compilation_cache", args.compilation_cache]
     rc, text, maxrss, wall = run_child(cmd, args.timeout)
     row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "remat": remat,
-           "unroll": unroll and not remat, "mode": mode}
+           "unroll": unroll and not remat, "hvp": hvp, "mode": mode}
     if rc != 0:
         why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
         log(f"T={T} mode={mode}: child failed: {why}")

@@ -2,7 +2,7 @@
 
     python -m experiments.evaluate --model=resnet32 --num_classes=200 \\
         --weights=tinyimagenet-resnet32.pth.tar --data=val32.npz [--batch_size=N] \\
-        [--conv_impl=auto] [--resize=N]
+        [--conv_impl=auto] [--resize=N] [--debug]
 
 `--data` is an `.npz` with `x` (N, H, W, 3) uint8 RGB images and `y` (N,)
 integer labels. Images are scaled to [0, 1] and normalised with the ImageNet
@@ -15,8 +15,12 @@ torchvision's `Resize(N)` does to a square PIL image; e.g. TinyImageNet's
 silently.
 
 Prints exactly one JSON line `{"top1": <percent>, "n": <count>}` on stdout; logs
-go to stderr. Exit status 1 with an `error: ...` line on stderr for unusable
-inputs.
+go to stderr. A weights file that cannot be read as weights (not a checkpoint,
+truncated, corrupt, or refused because a pickle in it asks for more than tensors
+and plain data; reading never runs code from the file) exits with status 2 and
+one `error: ...` line on stderr, as does every other unusable input (a missing
+file, data of the wrong shape, weights of another model). `--debug` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class EvaluationError(Exception):
-    """An input problem to report to the user (no traceback)."""
+    """An input problem to report to the user in one line, exit status 2 (no traceback)."""
+
+    status = 2
 
 
 def normalise(images: np.ndarray) -> np.ndarray:
@@ -142,7 +148,7 @@ def evaluate(
 
     from l2t_jax.models import get_model, model_info
     from l2t_jax.models.layers import CONV_IMPLS
-    from l2t_jax.weights import WeightImportError, load_weights
+    from l2t_jax.weights import CheckpointReadError, WeightImportError, load_weights
 
     try:
         model_info(model_name)
@@ -160,8 +166,10 @@ def evaluate(
 
     try:
         variables = load_weights(weights, model_name, num_classes)
+    except CheckpointReadError as e:  # the message names the file and what is wrong
+        raise EvaluationError(str(e)) from e
     except (WeightImportError, FileNotFoundError, ImportError, OSError) as e:
-        raise EvaluationError(f"cannot load weights {weights} for {model_name}: {e}") from None
+        raise EvaluationError(f"cannot load weights {weights} for {model_name}: {e}") from e
     found = int(np.shape(variables["params"]["fc"]["kernel"])[1])
     log.info("weights %s: %s with %d classes", weights, model_name, found)
     if y.min() < 0 or y.max() >= found:
@@ -207,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--conv_impl", default="auto", help="auto | xla | im2col")
     p.add_argument("--resize", type=int, default=None, help="resize images to NxN first (PIL bilinear), e.g. 32 for TinyImageNet's 64 px")
+    p.add_argument("--debug", action="store_true", help="on an error, raise it with its traceback instead of one error line")
     return p
 
 
@@ -229,8 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             resize=args.resize,
         )
     except EvaluationError as e:
+        if args.debug:  # the underlying error, with the traceback of where it was raised
+            raise (e.__cause__ or e)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.status
     finally:
         log.removeHandler(handler)
     print(json.dumps(result), flush=True)

@@ -5,11 +5,14 @@ Driven by `experiments/configs/quickstart.py` through `experiments.run`:
 1. train `config.source` (a plain supervised run, e.g. a tiny VGG on digits 0-4);
 2. for each method in `config.methods`, train `config.target` (e.g. few-shot digits
    5-9) with that method, the source's best-validation weights as source, and the
-   pairs `config.pairs[method]`;
+   pairs `config.pairs[method]` (a method whose name fixes its pairs, such as
+   fm_one_to_one, needs no entry);
 3. print and write (`results.md`, `results.json`) a side-by-side table of accuracies.
 
-Every stage is an ordinary run in its own sub-directory (`source/`, `<method>/`), so
-rerunning the command resumes an interrupted quickstart where it stopped.
+Every sub-run's config is validated before any of them trains: a mistake that only
+concerns the last run stops the command at once. Every stage is an ordinary run in its
+own sub-directory (`source/`, `<method>/`), so rerunning the command resumes an
+interrupted quickstart where it stopped.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 import ml_collections
 
-from l2t_jax import loop
+from l2t_jax import loop, run_config
+from l2t_jax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +34,50 @@ def target_config(config: ml_collections.ConfigDict, method: str, source_weights
     """The run config of one target run of the comparison."""
     c = ml_collections.ConfigDict(config.target.to_dict())
     c.method = method
-    if method != "scratch":
-        c.pairs = config.pairs[method]
+    spec = run_config.METHOD_SPECS.get(method)
+    if spec is None or spec.matching != "scratch" or spec.lwf or spec.at:  # the run uses the source
+        if method in config.pairs:
+            c.pairs = config.pairs[method]
         c.source_model = config.source.target_model
         c.source_weights = source_weights
     return c
+
+
+def _needs_pairs_entry(method: str) -> bool:
+    spec = run_config.METHOD_SPECS.get(method)
+    return spec is not None and spec.matching != "scratch" and spec.pairs is None
+
+
+def sub_runs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, ml_collections.ConfigDict]:
+    """{"source": its config, method: target config, ...}, every one validated before any trains.
+
+    Raises:
+      ConfigError / FileNotFoundError naming the sub-run (the targets' source weights,
+      which the source run writes, need not exist yet).
+    """
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError("config.methods names no method")
+    for m in methods:
+        if _needs_pairs_entry(m) and m not in config.pairs:
+            raise ConfigError(f"config.methods names {m!r} but config.pairs has no entry for it")
+    source_weights = str(workdir / "source" / "best_weights.msgpack")
+    runs = {"source": ml_collections.ConfigDict(config.source.to_dict())}
+    for m in methods:
+        runs[m] = target_config(config, m, source_weights)
+    for name, c in runs.items():
+        if name == "source":
+            what = "the source run (config.source)"
+        else:
+            entry = f", pairs from config.pairs.{name}" if name in config.pairs else ""
+            what = f"the {name} run (config.target with method {name}{entry})"
+        try:
+            run_config.validate(c, pending=(source_weights,))
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from None
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{what}: {e}") from None
+    return runs
 
 
 def _fmt(v) -> str:
@@ -59,21 +102,17 @@ def run_quickstart(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole comparison; returns {"source": summary, "targets": {method: summary}, "table": str}."""
     t0 = time.time()
     workdir = Path(workdir).expanduser().resolve()
-    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
-    for m in methods:
-        if m != "scratch" and m not in config.pairs:
-            raise ValueError(f"config.methods names {m!r} but config.pairs has no entry for it")
+    runs = sub_runs(config, workdir)
     log.info("quickstart: source run")
-    source = loop.train(config.source, workdir / "source")
-    source_weights = str(workdir / "source" / "best_weights.msgpack")
+    source = loop.train(runs.pop("source"), workdir / "source")
     targets = {}
-    for m in methods:
+    for m, c in runs.items():
         log.info("quickstart: target run %s", m)
-        targets[m] = loop.train(target_config(config, m, source_weights), workdir / m)
+        targets[m] = loop.train(c, workdir / m)
     rows = [
         {
             "method": m,
-            "pairs": "-" if m == "scratch" else config.pairs[m],
+            "pairs": runs[m].pairs if run_config.resolve_method(runs[m]).pairs else "-",
             **{k: s[k] for k in ("best_val_acc", "test_acc_at_best_val", "last_test_acc", "wall_time_s")},
         }
         for m, s in targets.items()

@@ -16,6 +16,7 @@ See `l2t_jax/run_config.py` for every key.
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import traceback
 
@@ -39,12 +40,12 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-_MAIN_STARTED = False
+def _command_line() -> str:
+    """This process's command line as typed (`python -m experiments.run --config=... --workdir=...`)."""
+    return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
 
 
 def main(argv: list[str]) -> int:
-    global _MAIN_STARTED
-    _MAIN_STARTED = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _setup_logging()
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
         else:
             loop.train(config, _WORKDIR.value)
     except loop.TrainingInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
+        print(f"\n{e.rerun_hint(_command_line())}", file=sys.stderr)
         return 128 + (e.signum or 2)
     except loop.NonFiniteMetricError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -80,26 +81,10 @@ def main(argv: list[str]) -> int:
 
 
 def run_cli() -> None:
-    """`app.run(main)`, with config_flags' error for an unknown `--config.KEY` made readable."""
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:
-        if _MAIN_STARTED:
-            raise
-        # config_flags raises AttributeError("'KEY'[ Did you mean ...]") while parsing the flags.
-        inner = e
-        while isinstance(inner, BaseException) and inner.args:
-            inner = inner.args[0]
-        text = str(inner)
-        key = text.split("\n")[0].strip("\"'")
-        args = [a for a in sys.argv[1:] if a.startswith("--config.") and key and key in a.split("=")[0]]
-        hint = " ".join(text.split("\n")[1:]).strip()
-        print(
-            f"error: unknown config key {key!r} in {args[0] if args else 'a --config.KEY override'}"
-            f"{'; ' + hint if hint else ''} (the keys are listed in l2t_jax/run_config.py)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    """`app.run(main)` with the config file's and keys' errors as one line (`l2t_jax.cli.run_absl`)."""
+    from l2t_jax.cli import run_absl
+
+    sys.exit(run_absl(main))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ Every `summary.json` under the given folders (searched recursively; a
 
 * into rows by setting: dataset (and `classes`, when a run selects some), source
   model -> target model, n_per_class (0 = all the training data), all read from
-  summary["config"];
+  summary["config"]. A run without a source (scratch: summary["source_model"] is null)
+  sits in the row of its config's source model, beside the transfers it is the baseline
+  of; a row where no run used a source shows "(none)" as its source (source_model "" in
+  the JSON), not the config's unused `source_model`;
 * into columns by method (summary["method"]), in the paper's order (scratch, lwf,
   at, lwf_at, fm_single, fm_one_to_one, l2t_w_single, l2t_w_one_to_one, l2t_ww),
   then the others (l2t_ww_weights, l2t_ww_original, l2t_ww_first_order, fm, l2t_w,
@@ -144,6 +147,13 @@ class Run:
         return bool(self.config.get("extra_sources"))
 
     @property
+    def uses_source(self) -> bool:
+        """Whether the run used a source network (summary["source_model"]; older summaries: not scratch)."""
+        if "source_model" in self.summary:
+            return self.summary["source_model"] is not None
+        return self.method != "scratch"
+
+    @property
     def setting(self) -> tuple[str, str, str, str, int]:
         """(dataset, classes, source_model, target_model, n_per_class)."""
         c = self.config
@@ -194,13 +204,19 @@ def load_runs(paths: Iterable[str | os.PathLike], warn=None) -> list[Run]:
 # checking that the runs of one cell share their configuration.
 _INCIDENTAL_KEYS = frozenset({
     "seed", "progress_bar", "num_workers", "offline", "data_dir", "log_every", "checkpoint_every_epochs",
-    "max_checkpoints", "eval_batch_size", "conv_impl", "remat", "source_weights", "target_weights",
+    "max_checkpoints", "eval_batch_size", "conv_impl", "remat", "unroll", "hvp", "source_weights", "target_weights",
 })
 
 
 def _differing_keys(configs: Sequence[dict]) -> list[str]:
+    """Keys whose values differ between runs; a key a run's record lacks (written before the key
+    existed) counts as the key's default."""
+    from l2t_jax.run_config import base_config
+
+    defaults = base_config().to_dict()
     keys = set().union(*(c.keys() for c in configs)) - _INCIDENTAL_KEYS
-    return sorted(k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+    return sorted(k for k in keys
+                  if len({json.dumps(c.get(k, defaults.get(k)), sort_keys=True) for c in configs}) > 1)
 
 
 def column_labels(runs: Sequence[Run]) -> list[str]:
@@ -257,9 +273,16 @@ def build_table(runs: Sequence[Run], metric: str = "test_acc_at_best_val") -> di
         else:
             skipped.append({"run": str(r.path), "reason": f"{metric} is {v!r}"})
     labels = column_labels(usable)
+    with_source = {r.setting for r in usable if r.uses_source}
+
+    def row_of(r: Run) -> tuple:
+        # a setting no run used a source in is labelled by what ran: no source
+        dataset, classes, source, target, n = r.setting
+        return r.setting if r.setting in with_source else (dataset, classes, "", target, n)
+
     groups: dict[tuple, dict[str, list[Run]]] = {}
     for r, col in zip(usable, labels):
-        groups.setdefault(r.setting, {}).setdefault(col, []).append(r)
+        groups.setdefault(row_of(r), {}).setdefault(col, []).append(r)
     columns = sorted(set(labels), key=method_order_key)
     rows = []
     for setting in sorted(groups, key=_row_sort_key):
@@ -350,7 +373,7 @@ def to_markdown(table: dict) -> str:
         name = row["dataset"] + (f" (classes {row['classes']})" if row["classes"] else "")
         if row["paper_row"]:
             name = f"{row['paper_row']} ({name})"
-        arrow = f"{row['source_model']} → {row['target_model']}"
+        arrow = f"{row['source_model'] or '(none)'} → {row['target_model']}"
         n = str(row["n_per_class"]) if row["n_per_class"] else "all"
         lines.append(f"| {name} | {arrow} | {n} | " + " | ".join(format_cell(row["cells"].get(c)) for c in cols) + " |")
         for c in cols:

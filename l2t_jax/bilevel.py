@@ -8,7 +8,12 @@ One training iteration (the reference's order, SPEC "One training iteration"):
    L_org(θ⁺) on the same batch, and its gradient with respect to φ *through the
    unroll* (`jax.grad` of `lookahead_loss`: momentum, weight decay, BN batch
    statistics and every Hessian-vector product included); one Adam step on φ;
-   the look-ahead is discarded (θ stays θ₁);
+   the look-ahead is discarded (θ stays θ₁). Every leaf of θ takes every SGD step
+   of the look-ahead, also one the step's loss does not touch (the classifier in a
+   matching-only step, the matching convs in the cross-entropy step): its gradient
+   is zero, so weight decay and its momentum buffer move it. That is the
+   reference's training loop, where the real step gives every parameter a `.grad`
+   and PyTorch 1.0's `zero_grad` keeps it as a zero tensor;
 3. BN running statistics: updated by the real step's forward and, by default, a
    second time by a training-mode forward at θ₁ (the first look-ahead forward),
    as the reference does.
@@ -38,6 +43,7 @@ PyTree = Any
 
 SCHEMES = ("proposed", "original", "first_order")
 BN_UPDATES = ("reference", "single")
+HVP_MODES = ("reverse", "mixed")
 
 
 # --------------------------------------------------------------------------- SGD with PyTorch semantics
@@ -90,66 +96,17 @@ def sgd_apply(
     params: PyTree,
     opt_state: PyTree,
     grads: PyTree,
-    has_grad: Optional[PyTree] = None,
 ) -> tuple[PyTree, PyTree]:
-    """One SGD step: returns (new params, new optimizer state).
+    """One SGD step on every leaf: returns (new params, new optimizer state).
 
-    Args:
-      has_grad: optional pytree of Python bools like `params`; a leaf marked False is
-        left untouched (value and momentum buffer), as PyTorch's SGD skips a parameter
-        whose `.grad` is None (no weight decay, no momentum update). See `grad_mask`.
+    Every leaf takes the step, also one whose gradient is zero because the loss does
+    not touch it (the classifier during a matching-only step): weight decay and its
+    momentum buffer still move it. This is the reference's training loop, where
+    every parameter has a `.grad` after the real step and PyTorch 1.0's `zero_grad`
+    keeps it as a zero tensor, so SGD never skips one.
     """
     updates, new_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    if has_grad is not None and not all(jax.tree.leaves(has_grad)):
-        keep = lambda m, new, old: new if m else old  # noqa: E731
-        new_params = jax.tree.map(keep, has_grad, new_params, params)
-        buffers = jax.tree.map(keep, has_grad, momentum_buffers(new_state), momentum_buffers(opt_state))
-        new_state = with_momentum_buffers(new_state, buffers)
-    return new_params, new_state
-
-
-def grad_mask(loss_fn: Callable[[PyTree], Any], params: PyTree) -> PyTree:
-    """Which leaves of `params` get a gradient from the (first) output of `loss_fn`.
-
-    This is PyTorch's "the parameter has a .grad after backward": a parameter that
-    takes no differentiable part in the loss (the classifier during matching-only
-    steps, the matching branch during a cross-entropy step, a leaf seen only through
-    `stop_gradient` or a comparison) gets none and SGD skips it; a leaf whose
-    gradient merely happens to be zero (×0, a dead ReLU) counts as having one.
-    Decided from the tangent flow of the loss's JVP program at trace time (no
-    run-time cost).
-
-    Returns:
-      A pytree of Python bools with the structure of `params`.
-    """
-    leaves, treedef = jax.tree.flatten(params)
-    n = len(leaves)
-
-    def first_output(*ls):
-        out = loss_fn(jax.tree.unflatten(treedef, ls))
-        return out[0] if isinstance(out, tuple) else out
-
-    def tangent_out(*primals_and_tangents):
-        return jax.jvp(first_output, primals_and_tangents[:n], primals_and_tangents[n:])[1]
-
-    closed = jax.make_jaxpr(tangent_out)(*leaves, *leaves)
-    try:
-        from jax._src.interpreters import partial_eval as pe
-
-        _, used = pe.dce_jaxpr(closed.jaxpr, [True], instantiate=False)
-    except (ImportError, AttributeError, TypeError):  # pragma: no cover - conservative fallback
-        used = _used_inputs_conservative(closed.jaxpr, [True])
-    return jax.tree.unflatten(treedef, [bool(u) for u in used[n:]])
-
-
-def _used_inputs_conservative(jaxpr, used_outputs) -> list[bool]:
-    """Backward liveness over a jaxpr; an equation with a used output uses all its inputs."""
-    live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and not isinstance(v, jax.core.Literal)}
-    for eqn in reversed(jaxpr.eqns):
-        if any(o in live for o in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, jax.core.Literal))
-    return [v in live for v in jaxpr.invars]
+    return optax.apply_updates(params, updates), new_state
 
 
 def device_mean(x: Any, axis_name: Optional[str] = None) -> Any:
@@ -187,11 +144,14 @@ class BilevelConfig:
         reference) or "single" (only by the real step).
       remat: rematerialise each look-ahead step in the backward pass (less memory).
       unroll: trace the T look-ahead steps as straight-line code instead of a
-        `lax.scan` loop (only when remat is off). XLA then keeps no stacked per-step
-        buffers and schedules across steps: on the 2-core CPU the stl10 iteration
-        (T 2, batch 128) takes 12.3 s instead of 16.1 s, 4.0 GB instead of 4.7 GB
-        (benchmarks/unroll_memory.py, one run). With remat the steps stay a loop:
-        unrolled, XLA's scheduler undoes the memory saving. Compile time grows with T.
+        `lax.scan` loop (only when remat is off): XLA then keeps no stacked per-step
+        buffers and can schedule across steps (faster and smaller; the README has
+        the measurements). With remat the steps stay a loop, because unrolled, XLA's
+        scheduler undoes the memory saving. Compile time grows with T.
+      hvp: how the meta-gradient differentiates each step's inner gradient
+        (`inner_value_and_grad`): "reverse" (reverse over reverse) or "mixed" (a
+        custom VJP computing forward-over-reverse Hessian-vector products, which
+        keeps no inner backward residuals). Equal up to rounding.
       lwf_weight: > 0 adds LwF's distillation term (that weight) through an extra head
         θ["lwf_head"] predicting the source's classes (0: off).
       lwf_temperature: LwF's softmax temperature τ.
@@ -212,6 +172,7 @@ class BilevelConfig:
     bn_updates: str = "reference"
     remat: bool = False
     unroll: bool = True
+    hvp: str = "reverse"
     lwf_weight: float = 0.0
     lwf_temperature: float = 2.0
     at_pairs: tuple[tuple[int, int], ...] = ()
@@ -220,6 +181,8 @@ class BilevelConfig:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if self.hvp not in HVP_MODES:
+            raise ValueError(f"unknown hvp {self.hvp!r}; expected one of {HVP_MODES}")
         if self.bn_updates not in BN_UPDATES:
             raise ValueError(f"unknown bn_updates {self.bn_updates!r}; expected one of {BN_UPDATES}")
         if self.T < 1:
@@ -399,6 +362,68 @@ def loss_terms(model: nn.Module, params: PyTree, batch_stats: PyTree, x: Array, 
 # --------------------------------------------------------------------------- the look-ahead and its gradient
 
 
+def inner_value_and_grad(
+    objective: Callable[[PyTree, PyTree, PyTree], tuple[Array, PyTree]],
+    theta: PyTree,
+    meta_out: PyTree,
+    consts: PyTree,
+    *,
+    hvp: str = "reverse",
+) -> tuple[tuple[Array, PyTree], PyTree]:
+    """((loss, aux), ∇_θ loss) of one look-ahead step's objective, differentiable twice.
+
+    The meta-gradient back-propagates through this gradient g(θ, φ') = ∇_θ L(θ, φ'),
+    which needs, for the cotangent v of g, vᵀ∂g/∂θ = ∂²L/∂θ² v and vᵀ∂g/∂φ' =
+    ∂²L/∂φ'∂θ v. Two ways to get them, equal up to rounding:
+
+    * "reverse": `jax.value_and_grad`, differentiated again by reverse mode (reverse
+      over reverse). The outer backward pass keeps every residual of this inner
+      backward pass, for every look-ahead step.
+    * "mixed": a custom VJP whose forward keeps only (θ, φ', consts), and whose
+      backward recomputes both products at once as one forward-over-reverse
+      Hessian-vector product, the `jax.jvp` of ∇_(θ, φ') L in direction (v, 0)
+      (the Hessian is symmetric). The look-ahead then holds no inner backward
+      residuals (MixFlow-MG, Kemaev et al., ICML 2025).
+
+    Args:
+      objective: f(θ, φ', consts) -> (scalar loss, aux); it must close over static
+        values only (the arrays it reads come in through `consts`).
+      theta: θ, the parameters differentiated.
+      meta_out: φ' (e.g. the weight networks' outputs), differentiated through.
+      consts: arrays the loss reads but that are not differentiated (batch, BN statistics).
+      hvp: "reverse" | "mixed".
+    Returns:
+      ((loss, aux), grads like θ). `aux` is not differentiable in "mixed" mode.
+    """
+    if hvp == "reverse":
+        return jax.value_and_grad(objective, has_aux=True)(theta, meta_out, consts)
+    if hvp != "mixed":
+        raise ValueError(f"unknown hvp {hvp!r}; expected one of {HVP_MODES}")
+
+    def loss_only(t, m, c):
+        return objective(t, m, c)[0]
+
+    @jax.custom_vjp
+    def value_and_grad(t, m, c):
+        return jax.value_and_grad(objective, has_aux=True)(t, m, c)
+
+    def fwd(t, m, c):
+        return value_and_grad(t, m, c), (t, m, c)
+
+    def bwd(res, cotangent):
+        t, m, c = res
+        (loss_bar, _), v = cotangent  # aux (BN statistics) carries no gradient
+        grad_fn = jax.grad(loss_only, argnums=(0, 1))
+        zeros_m = jax.tree.map(jnp.zeros_like, m)
+        (g_t, g_m), (h_t, h_m) = jax.jvp(lambda a, b: grad_fn(a, b, c), (t, m), (v, zeros_m))
+        t_bar = jax.tree.map(lambda h, g: h + loss_bar * g, h_t, g_t)
+        m_bar = jax.tree.map(lambda h, g: h + loss_bar * g, h_m, g_m)
+        return t_bar, m_bar, None
+
+    value_and_grad.defvjp(fwd, bwd)
+    return value_and_grad(theta, meta_out, consts)
+
+
 class LookaheadAux(NamedTuple):
     """By-products of `lookahead_loss`.
 
@@ -431,8 +456,10 @@ def lookahead_loss(
 
     θ⁺ comes from θ₁ = `params` (with `opt_state`'s momentum and learning rate) by
     T SGD steps on L_wfm (or L_total for the "original" scheme) and, for the
-    "proposed" and "first_order" schemes, one SGD step on L_org. BN is in training
-    mode in every forward. `jax.grad` of this function is the exact meta-gradient.
+    "proposed" and "first_order" schemes, one SGD step on L_org. Each step updates
+    every leaf of θ (a leaf the step's loss does not touch moves by weight decay
+    and momentum, as in the reference's loop). BN is in training mode in every
+    forward. `jax.grad` of this function is the exact meta-gradient.
 
     Args:
       meta_params: φ.
@@ -450,20 +477,30 @@ def lookahead_loss(
     tx = _sgd_like(opt_state)
     w, lam = transfer.meta_outputs(meta_params, transfer.pool(src_feats), mcfg)
     first_order = cfg.scheme == "first_order"
+    consts = (batch_stats, x, y, src_feats, src_logits)
+
+    # The step objectives take φ's outputs (w, λ) and the batch explicitly, so that
+    # `inner_value_and_grad` can differentiate them in either mode.
+    def matching_objective(q, meta_out, c):
+        bs, xb, yb, feats, logits_s = c
+        if cfg.scheme == "original":
+            t = loss_terms(model, q, bs, xb, yb, feats, *meta_out, mcfg, cfg=cfg, src_logits=logits_s)
+            return device_mean(t.total, axis_name), t.batch_stats
+        t = loss_terms(model, q, bs, xb, yb, feats, *meta_out, mcfg)
+        return device_mean(t.wfm, axis_name), t.batch_stats
+
+    def ce_objective(q, meta_out, c):
+        bs, xb, yb = c[:3]
+        logits, _, new_bs = target_forward(model, q, bs, xb)
+        return device_mean(transfer.cross_entropy(logits, yb), axis_name), new_bs
+
+    step_grad = functools.partial(inner_value_and_grad, hvp=cfg.hvp)
 
     def inner_step(carry, _):
         p, s = carry
-
-        def objective(q):
-            if cfg.scheme == "original":
-                t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg, src_logits=src_logits)
-                return device_mean(t.total, axis_name), t.batch_stats
-            t = loss_terms(model, q, batch_stats, x, y, src_feats, w, lam, mcfg)
-            return device_mean(t.wfm, axis_name), t.batch_stats
-
         at = lax.stop_gradient(p) if first_order else p
-        (loss, new_bs), grads = jax.value_and_grad(objective, has_aux=True)(at)
-        p, s = sgd_apply(tx, p, s, grads, grad_mask(objective, p))
+        (loss, new_bs), grads = step_grad(matching_objective, at, (w, lam), consts)
+        p, s = sgd_apply(tx, p, s, grads)
         return (p, s), (loss, new_bs)
 
     if cfg.remat:
@@ -481,12 +518,8 @@ def lookahead_loss(
     first_bs = jax.tree.map(lambda a: a[0], stats)
     if cfg.scheme != "original":
 
-        def ce_only(q):
-            logits, _, _ = target_forward(model, q, batch_stats, x)
-            return device_mean(transfer.cross_entropy(logits, y), axis_name)
-
         at = lax.stop_gradient(p) if first_order else p
-        p, s = sgd_apply(tx, p, s, jax.grad(ce_only)(at), grad_mask(ce_only, p))
+        p, s = sgd_apply(tx, p, s, step_grad(ce_objective, at, (), consts)[1])
     logits, _, _ = target_forward(model, p, batch_stats, x)
     outer = device_mean(transfer.cross_entropy(logits, y), axis_name)
     return outer, LookaheadAux(inner_losses[0], inner_losses, first_bs)
@@ -563,7 +596,7 @@ def train_step(
 
     (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
     opt_state = with_learning_rate(state.opt_state, lr)
-    params, opt_state = sgd_apply(_sgd_like(opt_state), state.params, opt_state, grads, grad_mask(total, state.params))
+    params, opt_state = sgd_apply(_sgd_like(opt_state), state.params, opt_state, grads)
     batch_stats = terms.batch_stats
     metrics = {
         "loss": loss,

@@ -13,8 +13,10 @@ are evaluated (eval-mode BN) and a checkpoint is written.
 Work directory:
   config.json          the run's config
   checkpoints/<step>/  orbax checkpoints (TrainState + JSON progress record)
+  checkpoints_damaged/ checkpoints that failed to restore on a resume, moved aside (never deleted)
   metrics.jsonl        one JSON object per log window ("train") and per epoch ("epoch")
-  tb/                  TensorBoard events
+  tb/                  TensorBoard events: the scalars of metrics.jsonl, rewritten from it on
+                       every start or resume (so a kill -9 loses none of them)
   best_weights.msgpack target {"params","batch_stats"} at the best validation epoch
   final_weights.msgpack  ... after the last epoch
   final_transfer.msgpack θ's transfer parts ("branch": matching 1x1 convs, "lwf_head" for LwF)
@@ -24,7 +26,10 @@ Work directory:
 SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step boundary
 and raises `TrainingInterrupted`. Running the same config on the same workdir
 resumes from the newest checkpoint (mid-epoch included) and gives the same
-numbers as an uninterrupted run.
+numbers as an uninterrupted run. A checkpoint that fails to restore is moved aside
+and the next older one is used (`Checkpointer.newest_intact`); metrics.jsonl is cut
+back to the checkpoint actually resumed from. Rerunning a finished run only reports
+its summary and changes no file.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from l2t_jax import bilevel, data as data_lib, parallel, run_config, weights as weights_lib
-from l2t_jax.checkpoint import Checkpointer
+from l2t_jax.checkpoint import Checkpointer, NoIntactCheckpointError
 from l2t_jax.models import get_model, init_model, model_info
 from l2t_jax.schedule import cosine_epoch_lr
 from l2t_jax.transfer import MatchingConfig, format_pairs
@@ -63,14 +68,25 @@ _SCALARS = ("loss", "ce", "wfm", "at", "lwf", "accuracy", "outer_loss", "matchin
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a signal (or the `stop_after_steps` hook) after saving a checkpoint.
 
+    `str(e)` names the run's directory as what to resume; a front end that knows the
+    command it was started with gives `e.rerun_hint(command)` instead (for the
+    quickstart, whose sub-runs all resume through its one command, that is the only
+    right advice).
+
     Attributes:
       signum: the signal number (None for the hook).
       epoch, step_in_epoch: where it stopped (0-based epoch, steps done in it).
+      stopped: what happened and where the checkpoint is, without the advice.
     """
 
-    def __init__(self, message: str, signum: Optional[int], epoch: int, step_in_epoch: int):
+    def __init__(self, message: str, signum: Optional[int], epoch: int, step_in_epoch: int, *, stopped: str = ""):
         super().__init__(message)
         self.signum, self.epoch, self.step_in_epoch = signum, epoch, step_in_epoch
+        self.stopped = stopped or message
+
+    def rerun_hint(self, command: str) -> str:
+        """The message naming `command` (the user's command line, as typed) as what to rerun."""
+        return f"{self.stopped} Rerun the same command to resume from there:\n  {command}"
 
 
 class NonFiniteMetricError(FloatingPointError):
@@ -205,7 +221,7 @@ def build(config: ml_collections.ConfigDict, pairs, num_classes: int) -> Setup:
         ),
         T=config.T, scheme=resolved.scheme, momentum=config.momentum, weight_decay=config.wd,
         meta_lr=config.meta_lr, meta_weight_decay=config.meta_wd, bn_updates=config.bn_updates,
-        remat=config.remat, unroll=config.unroll, lwf_weight=resolved.lwf_weight, lwf_temperature=config.lwf_temperature,
+        remat=config.remat, unroll=config.unroll, hvp=config.hvp, lwf_weight=resolved.lwf_weight, lwf_temperature=config.lwf_temperature,
         at_pairs=resolved.at_pairs, at_beta=config.at_beta,
     )
     models = bilevel.Models(target, source)
@@ -384,10 +400,9 @@ def train(
     plain = run_config.to_plain(config)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.max_checkpoints)
     try:
-        latest = ckpt.latest_step()
-        meta = None
-        if latest is not None:
-            meta = ckpt.restore_meta(latest)
+        found = ckpt.newest_intact(lambda step: _checked_meta(ckpt.restore_meta(step)))
+        if found is not None:
+            latest, meta = found
             diff = run_config.config_differences(meta["config"], plain)
             if diff:
                 raise run_config.ConfigError(
@@ -395,15 +410,56 @@ def train(
                     + "\n  ".join(diff)
                     + "\nuse another --workdir, or rerun with the saved config to resume"
                 )
+            done = _finished_summary(workdir, meta, config.epochs)
+            if done is not None:
+                _log_summary(f"{workdir} is already finished (checkpoint {latest}); nothing to do", done)
+                return done
         _write_json(workdir / "config.json", plain)
 
         log.info("run: %s", run_config.describe(config))
         data = load_run_data(config)
         setup = build(config, pairs, data.num_classes)
-        return _run_epochs(config, plain, workdir, ckpt, latest, meta, data, setup,
+        return _run_epochs(config, plain, workdir, ckpt, found is not None, data, setup,
                            stop_after_steps=stop_after_steps, step_fn_wrapper=step_fn_wrapper)
     finally:
         ckpt.close()
+
+
+# Keys of the JSON progress record that a resume reads.
+_META_KEYS = ("config", "epoch", "step_in_epoch", "global_step", "seed", "steps_per_epoch", "epoch_acc", "window",
+              "best", "history", "metrics_bytes", "wall_time")
+
+
+def _checked_meta(meta: dict) -> dict:
+    """`meta` if it has every key a resume reads (else ValueError: a damaged record, not a resumable one)."""
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"the progress record lacks {', '.join(missing)}")
+    return meta
+
+
+def _finished_summary(workdir: Path, meta: dict, epochs: int) -> Optional[dict]:
+    """The summary of a finished run (its last checkpoint done with every epoch, its outputs written), else None.
+
+    A run killed between its last checkpoint and its summary is not finished: the
+    resume then only writes the outputs.
+    """
+    outputs = [workdir / n for n in ("summary.json", "final_weights.msgpack", "final_transfer.msgpack")]
+    if meta["epoch"] < epochs or not all(p.is_file() for p in outputs):
+        return None
+    try:
+        summary = json.loads(outputs[0].read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == meta["global_step"] else None
+
+
+def _log_summary(headline: str, summary: dict) -> None:
+    log.info(
+        "%s: best val %s (epoch %s), test there %s, last test %s, %.0f s",
+        headline, _fmt(summary.get("best_val_acc")), summary.get("best_epoch"),
+        _fmt(summary.get("test_acc_at_best_val")), _fmt(summary.get("last_test_acc")), summary.get("wall_time_s", 0.0),
+    )
 
 
 def _data_parallel_step(config, setup: Setup, n_train: int) -> Callable:
@@ -432,14 +488,15 @@ def _data_parallel_step(config, setup: Setup, n_train: int) -> Callable:
     return parallel.make_parallel_train_step(setup.models, setup.bilevel_config, mesh, bn=config.data_parallel)
 
 
-def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, data: RunData, setup: Setup,
+def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, resume: bool, data: RunData, setup: Setup,
                 *, stop_after_steps, step_fn_wrapper) -> dict:
     E, B = config.epochs, config.batch_size
     spe = data_lib.steps_per_epoch(len(data.train), B, config.drop_last)
     if spe < 1:
         raise ValueError(f"{len(data.train)} training images give no batch of {B} (drop_last={config.drop_last})")
     metrics_path = workdir / "metrics.jsonl"
-    if latest is None:
+    has_meta = setup.bilevel_config.has_meta_step
+    if not resume:
         state = setup.initial_state
         meta = {
             "config": plain, "epoch": 0, "step_in_epoch": 0, "global_step": 0, "seed": config.seed,
@@ -451,19 +508,16 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
                  len(data.train), len(data.val) if data.val else 0, len(data.test) if data.test else 0,
                  data.num_classes, spe)
     else:
+        latest, (state, meta) = _restore_newest(ckpt, setup.initial_state)
         if meta["steps_per_epoch"] != spe:
             raise ValueError(f"the checkpoint has {meta['steps_per_epoch']} steps per epoch, the data now give {spe}")
-        state, meta = ckpt.restore(setup.initial_state, latest)
-        with open(metrics_path, "a+b") as f:  # drop lines written after the checkpoint
+        with open(metrics_path, "a+b") as f:  # drop lines written after the checkpoint resumed from
             f.truncate(meta["metrics_bytes"])
         log.info("resuming from checkpoint %d: epoch %d, step %d of %d", latest, meta["epoch"] + 1,
                  meta["step_in_epoch"], spe)
     setup.initial_state = None  # the buffers are donated to the first step
 
-    from tensorboardX import SummaryWriter
-
-    # purge_step: TensorBoard drops events from a previous session at or after this step
-    tb = SummaryWriter(str(workdir / "tb"), purge_step=meta["global_step"])
+    tb = _open_tensorboard(workdir / "tb", _read_metrics(metrics_path), spe, has_meta)
     if config.data_parallel:
         step_fn = _data_parallel_step(config, setup, len(data.train))
     else:
@@ -473,7 +527,6 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
     stop = _StopFlag()
     stop.install()
     session_start = time.time()
-    has_meta = setup.bilevel_config.has_meta_step
     # one evaluation batch shape for both splits (one compilation)
     sizes = [len(d) for d in (data.val, data.test) if d is not None]
     eval_bs = min(config.eval_batch_size, max(sizes)) if sizes else config.eval_batch_size
@@ -486,8 +539,11 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
         ckpt.save(meta["global_step"], state, meta)
 
     def log_line(obj: dict) -> None:
+        """Appends a line to metrics.jsonl (the record) and its scalars to TensorBoard (a view of it)."""
         with open(metrics_path, "a") as f:
             f.write(json.dumps(obj, sort_keys=True) + "\n")
+        for tag, value, step in _tb_scalars(obj, spe, has_meta):
+            tb.add_scalar(tag, value, step)
 
     wall_base = meta["wall_time"]
     try:
@@ -523,11 +579,7 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
             def close_window():
                 w = _means(meta["window"])
                 if w:
-                    line = {"kind": "train", "epoch": epoch + 1, "step": meta["global_step"], "lr": lr, **w}
-                    log_line(line)
-                    for k, v in w.items():
-                        if k != "lambda":
-                            tb.add_scalar(f"train/{k}", v, meta["global_step"])
+                    log_line({"kind": "train", "epoch": epoch + 1, "step": meta["global_step"], "lr": lr, **w})
                     post = {"loss": f"{w['loss']:.3f}", "acc": f"{w['accuracy']:.1f}"}
                     if has_meta and "lambda_mean" in w:
                         post["λ"] = f"{w['lambda_mean']:.2f}"
@@ -560,10 +612,17 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
 
             # end of epoch: evaluate, record, checkpoint
             variables = bilevel.target_variables(state)
-            ev_val, ev_test = (
-                evaluate(setup.models.target, variables, ds, config, eval_bs) if ds is not None else None
-                for ds in (data.val, data.test)
-            )
+            best = meta["best"]
+            last = epoch + 1 == E
+            evaluating = last or (epoch + 1) % config.eval_every_epochs == 0
+            ev_val = evaluate(setup.models.target, variables, data.val, config, eval_bs) \
+                if evaluating and data.val is not None else None
+            # The reference keeps the first epoch with the highest validation accuracy
+            # (strict improvement); without a validation split the last epoch is kept.
+            improved = evaluating and (best is None or ev_val is None or ev_val["acc"] > best["val_acc"])
+            test_now = {"each_eval": evaluating, "on_improvement": improved or last, "at_end": last}[config.test_eval]
+            ev_test = evaluate(setup.models.target, variables, data.test, config, eval_bs) \
+                if test_now and data.test is not None else None
             for split, ev in (("val", ev_val), ("test", ev_test)):
                 if ev is not None and not math.isfinite(ev["loss"]):
                     raise NonFiniteMetricError(
@@ -579,31 +638,22 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
                 "test_acc": ev_test["acc"] if ev_test else None, "test_loss": ev_test["loss"] if ev_test else None,
             }
             meta["history"].append(record)
-            # The reference keeps the first epoch with the highest validation accuracy
-            # (strict improvement); without a validation split the last epoch is kept.
-            best = meta["best"]
-            improved = best is None or data.val is None or record["val_acc"] > best["val_acc"]
             if improved:
                 meta["best"] = {"epoch": epoch + 1, "val_acc": record["val_acc"], "test_acc": record["test_acc"]}
                 weights_lib.save_variables(workdir / "best_weights.msgpack", jax.device_get(variables))
+            elif last and config.test_eval == "at_end" and data.test is not None:
+                # the best-validation epoch's weights, saved when it happened, tested once now
+                best_vars = weights_lib.load_variables(workdir / "best_weights.msgpack")
+                meta["best"]["test_acc"] = evaluate(setup.models.target, _as_device(best_vars), data.test, config,
+                                                    eval_bs)["acc"]
             log_line({"kind": "epoch", **{k: v for k, v in record.items() if k != "train"},
                       **{f"train_{k}": v for k, v in train_means.items()}, "best": meta["best"]})
-            tb.add_scalar("epoch/lr", lr, meta["global_step"])
-            for k, v in train_means.items():
-                if k != "lambda":
-                    tb.add_scalar(f"epoch/train_{k}", v, meta["global_step"])
-            for split, ev in (("val", ev_val), ("test", ev_test)):
-                if ev:
-                    tb.add_scalar(f"epoch/{split}_acc", ev["acc"], meta["global_step"])
-                    tb.add_scalar(f"epoch/{split}_loss", ev["loss"], meta["global_step"])
-            if has_meta and train_means.get("lambda"):
-                for i, v in enumerate(train_means["lambda"]):
-                    tb.add_scalar(f"lambda/pair{i}", v, meta["global_step"])
             lam = f" λ {train_means['lambda_mean']:.2f}" if has_meta and "lambda_mean" in train_means else ""
             log.info(
                 "epoch %d/%d lr %.4g | train loss %.4f acc %.2f%s | val %s | test %s | best val %s (epoch %s)",
                 epoch + 1, E, lr, train_means.get("loss", float("nan")), train_means.get("accuracy", float("nan")), lam,
-                _fmt(record["val_acc"]), _fmt(record["test_acc"]), _fmt(meta["best"]["val_acc"]), meta["best"]["epoch"],
+                _fmt(record["val_acc"]), _fmt(record["test_acc"]), _fmt((meta["best"] or {}).get("val_acc")),
+                (meta["best"] or {}).get("epoch"),
             )
             meta["epoch"] += 1
             meta["step_in_epoch"] = 0
@@ -613,11 +663,89 @@ def _run_epochs(config, plain, workdir: Path, ckpt: Checkpointer, latest, meta, 
                 save(state, meta)
             if stop.set and meta["epoch"] < E:
                 raise _interrupted(stop, workdir, meta["epoch"], 0, spe)
+        tb.close()  # every scalar on disk before the summary marks the run finished
         return _finish(config, plain, workdir, state, meta, wall_base + (time.time() - session_start),
                        data.num_classes, setup)
     finally:
         stop.uninstall()
         tb.close()
+
+
+def _restore_newest(ckpt: Checkpointer, like_state) -> tuple[int, tuple[Any, dict]]:
+    """(step, (state, meta)) of the newest checkpoint whose state and record restore (damaged ones moved aside)."""
+
+    def read(step: int) -> tuple[Any, dict]:
+        state, meta = ckpt.restore(like_state, step)
+        return state, _checked_meta(meta)
+
+    found = ckpt.newest_intact(read)
+    if found is None:
+        raise NoIntactCheckpointError(f"the checkpoints in {ckpt.directory} disappeared while the run was starting")
+    return found
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl (none if it is absent); an unreadable line is skipped with a warning."""
+    if not path.exists():
+        return []
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            log.warning("%s line %d is not JSON; TensorBoard will lack it", path, i + 1)
+    return out
+
+
+# Fields of a "train" record that are not scalars of the window.
+_TRAIN_NON_SCALARS = frozenset({"kind", "epoch", "step", "lr", "lambda"})
+
+
+def _tb_scalars(line: dict, steps_per_epoch: int, has_meta: bool) -> list[tuple[str, float, int]]:
+    """The TensorBoard scalars (tag, value, global step) of one metrics.jsonl record.
+
+    The one mapping from the record to TensorBoard, used while training and when the
+    events are rebuilt from metrics.jsonl, so both give the same scalars. An epoch
+    record's step is the step count at its end (epoch x steps per epoch).
+    """
+    if line.get("kind") == "train":
+        step = int(line["step"])
+        return [(f"train/{k}", v, step) for k, v in line.items() if k not in _TRAIN_NON_SCALARS and v is not None]
+    if line.get("kind") != "epoch":
+        return []
+    step = int(line["epoch"]) * steps_per_epoch
+    out = [("epoch/lr", line["lr"], step)]
+    out += [(f"epoch/{k}", v, step) for k, v in line.items() if k.startswith("train_") and k != "train_lambda"]
+    for split in ("val", "test"):
+        for what in ("acc", "loss"):
+            if line.get(f"{split}_{what}") is not None:
+                out.append((f"epoch/{split}_{what}", line[f"{split}_{what}"], step))
+    if has_meta and line.get("train_lambda"):
+        out += [(f"lambda/pair{i}", v, step) for i, v in enumerate(line["train_lambda"])]
+    return out
+
+
+def _open_tensorboard(tb_dir: Path, lines: list[dict], steps_per_epoch: int, has_meta: bool):
+    """A TensorBoard writer on a fresh events file that already holds the scalars of `lines`.
+
+    metrics.jsonl is the record and TensorBoard a view of it: the old event files
+    (which lack whatever was buffered when a run was killed, and hold steps beyond the
+    checkpoint resumed from) are replaced by one rebuilt from the record, so every
+    logged step is there exactly once.
+    """
+    from tensorboardX import SummaryWriter
+
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    for old in tb_dir.glob("events.out.tfevents.*"):
+        old.unlink()
+    tb = SummaryWriter(str(tb_dir))
+    for line in lines:
+        for tag, value, step in _tb_scalars(line, steps_per_epoch, has_meta):
+            tb.add_scalar(tag, value, step)
+    tb.flush()
+    return tb
 
 
 def _fmt(v) -> str:
@@ -626,11 +754,9 @@ def _fmt(v) -> str:
 
 def _interrupted(stop: _StopFlag, workdir: Path, epoch: int, step: int, spe: int) -> TrainingInterrupted:
     where = f"epoch {epoch + 1}, after step {step}/{spe}" if step else f"the start of epoch {epoch + 1}"
-    msg = (
-        f"training interrupted ({stop.reason}) at {where}; a checkpoint was saved in {workdir / 'checkpoints'}. "
-        f"Rerun the same command (same config, --workdir={workdir}) to resume from there."
-    )
-    return TrainingInterrupted(msg, stop.signum, epoch, step)
+    stopped = f"training interrupted ({stop.reason}) at {where}; a checkpoint was saved in {workdir / 'checkpoints'}."
+    msg = f"{stopped} Rerun the same command (same config, --workdir={workdir}) to resume from there."
+    return TrainingInterrupted(msg, stop.signum, epoch, step, stopped=stopped)
 
 
 def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_classes: int, setup: Setup) -> dict:
@@ -668,9 +794,5 @@ def _finish(config, plain, workdir: Path, state, meta, wall_time: float, num_cla
         "config": plain,
     }
     _write_json(workdir / "summary.json", summary)
-    log.info(
-        "done: best val %s (epoch %s), test there %s, last test %s, %.0f s",
-        _fmt(summary["best_val_acc"]), summary["best_epoch"], _fmt(summary["test_acc_at_best_val"]),
-        _fmt(summary["last_test_acc"]), summary["wall_time_s"],
-    )
+    _log_summary("done", summary)
     return summary

@@ -29,7 +29,16 @@ Transfer
                        l2t_w_single, l2t_w_one_to_one (pairs fixed by the name);
                        l2t_ww_weights (Appendix C.1 meta-weights), l2t_ww_original
                        (C.2 original bilevel scheme), l2t_ww_first_order.
-  pairs              "all_to_all" | "one_to_one" | "single" | "m-n,m-n,...".
+                       A name that fixes pairs, scheme or meta_kind refuses an explicit
+                       value that contradicts it (ConfigError); leave those keys "" (the
+                       default: "the method's own") or give the fixed value. A name with
+                       LwF / AT refuses lwf_weight = 0 / at_beta = 0 / no at_pairs. Keys a
+                       method does not use (pairs for scratch, lwf_weight for fm, ...) stay
+                       free, so one sweep can share them across methods. `validate` writes
+                       the effective values of pairs, scheme and meta_kind into the config,
+                       so config.json names what ran.
+  pairs              "all_to_all" | "one_to_one" | "single" | "m-n,m-n,..."; "" = the
+                     method's own (all_to_all unless the name fixes it).
   at_pairs, at_beta  AT's pairs ("one_to_one": every source stage end -> the target's of the
                      same size) and β (1000, the AT paper's).
   lwf_weight, lwf_temperature  LwF's distillation weight (1) and temperature (2).
@@ -38,12 +47,16 @@ Transfer
                      in that source's own tap indices or a named configuration; default:
                      `pairs`). Each source gets its own branch convs and meta-networks
                      (one per pair); the matching losses add up. Matching methods only.
-  beta (0.5), lambda_type ("relu6"), lambda_init (1.0), meta_kind ("network" | "weights"),
-  meta_lr (1e-4), meta_wd (1e-4), T (2), scheme ("proposed" | "original" | "first_order"),
+  beta (0.5), lambda_type ("relu6"), lambda_init (1.0), meta_kind ("network" | "weights";
+  "" = the method's own: network unless the name fixes it), meta_lr (1e-4), meta_wd (1e-4),
+  T (2), scheme ("proposed" | "original" | "first_order"; "" = the method's own: proposed
+  unless the name fixes it),
   bn_updates ("reference" | "single"), remat (rematerialise the look-ahead steps: less
   memory, ~10 % more time), unroll (True: the look-ahead steps as straight-line code when
   remat is off; faster, longer compile for large T). remat and unroll change no numbers:
-  a run may resume with either changed.
+  a run may resume with either changed. hvp ("reverse" | "mixed"): how the meta-gradient
+  differentiates each look-ahead step's gradient (`bilevel.inner_value_and_grad`; "mixed"
+  keeps no inner backward residuals; the same numbers up to rounding).
 Models
   source_model, source_weights (.pth/.pth.tar/.msgpack), source_num_classes (0 = from the
   weights), target_model, target_weights (optional initialisation; a classifier of another
@@ -57,6 +70,14 @@ Run
                      among the devices. Several hosts: `parallel.make_parallel_train_step`.
   eval_batch_size, log_every (steps between metric fetches/log lines),
   checkpoint_every_epochs, max_checkpoints, progress_bar.
+  eval_every_epochs  evaluate every k epochs and after the last (1: every epoch). Only
+                     evaluated epochs can become the best-validation epoch.
+  test_eval          "each_eval": the test split at every evaluation; "on_improvement":
+                     only when validation accuracy improves (what the best-validation
+                     protocol reports) and after the last epoch; "at_end": after the last
+                     epoch only, for the final weights and for the best-validation epoch's
+                     (best_weights.msgpack): the same two figures at two test passes per
+                     run. None changes training.
 """
 
 from __future__ import annotations
@@ -64,13 +85,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Optional
 
 import ml_collections
 
 from l2t_jax import transfer
-from l2t_jax.bilevel import BN_UPDATES, SCHEMES
+from l2t_jax.bilevel import BN_UPDATES, HVP_MODES, SCHEMES
 from l2t_jax.models import available_models, model_info
 from l2t_jax.models.layers import CONV_IMPLS
 from l2t_jax.parallel import BN_MODES
@@ -80,7 +102,9 @@ BUILTIN_DATASETS = ("digits",)
 #: config.data_parallel: "" (off), or one of `parallel.BN_MODES`
 DATA_PARALLEL = ("",) + BN_MODES
 # Keys a resumed run may change (they do not affect the numbers).
-RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll"})
+RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll", "eval_batch_size"})
+#: config.test_eval
+TEST_EVAL = ("each_eval", "on_improvement", "at_end")
 
 
 class ConfigError(ValueError):
@@ -123,6 +147,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "l2t_ww_first_order": MethodSpec("l2t_ww", scheme="first_order"),
 }
 METHODS = tuple(METHOD_SPECS)
+#: The keys a method name may fix (`MethodSpec` fields of the same names), each with the value
+#: that "" (the default: "the method's own") stands for when the name does not fix it.
+METHOD_KEY_DEFAULTS: dict[str, str] = {"pairs": "all_to_all", "scheme": "proposed", "meta_kind": "network"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +208,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.nesterov = False
     # transfer
     c.method = "l2t_ww"
-    c.pairs = "all_to_all"
+    c.pairs = ""  # the method's own (METHOD_KEY_DEFAULTS)
     c.at_pairs = "one_to_one"
     c.at_beta = 1000.0
     c.lwf_weight = 1.0
@@ -190,14 +217,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.beta = 0.5
     c.lambda_type = "relu6"
     c.lambda_init = 1.0
-    c.meta_kind = "network"
+    c.meta_kind = ""  # the method's own
     c.meta_lr = 1e-4
     c.meta_wd = 1e-4
     c.T = 2
-    c.scheme = "proposed"
+    c.scheme = ""  # the method's own
     c.bn_updates = "reference"
     c.remat = False
     c.unroll = True
+    c.hvp = "reverse"
     # models
     c.source_model = "resnet34"
     c.source_weights = ""
@@ -207,6 +235,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.conv_impl = "auto"
     # run
     c.eval_batch_size = 256
+    c.eval_every_epochs = 1
+    c.test_eval = "each_eval"
     c.log_every = 20
     c.checkpoint_every_epochs = 1
     c.max_checkpoints = 2
@@ -235,8 +265,7 @@ def tinyimagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collect
     c.image_size = 32
     c.batch_size = 128
     c.epochs = 200
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
+    c.method = "l2t_ww"  # pairs, scheme, meta_kind: the method's own (all_to_all, proposed, network)
     c.source_model = "resnet32"
     c.source_weights = shared_path("reference/tinyimagenet-resnet32.pth.tar")
     c.source_num_classes = 200
@@ -264,8 +293,7 @@ def imagenet_transfer_config(dataset: str, data_dir: str = "") -> ml_collections
     c.image_size = 224
     c.batch_size = 64
     c.epochs = 200
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
+    c.method = "l2t_ww"  # pairs, scheme, meta_kind: the method's own (all_to_all, proposed, network)
     c.source_model = "resnet34"
     c.source_weights = shared_path("weights/resnet34.pth")
     c.source_num_classes = 1000
@@ -290,10 +318,33 @@ def to_plain(config: ml_collections.ConfigDict) -> dict:
     return json.loads(json.dumps(config.to_dict()))
 
 
+def normalize_record(plain: dict) -> dict:
+    """A plain config (config.json, summary["config"]) with the keys its method fixes set to what ran.
+
+    pairs / scheme / meta_kind become their effective values: the method's where its name
+    fixes them, else the recorded value ("" = the default). A record written before these
+    keys defaulted to "" holds the old defaults (or an ignored explicit value) for keys its
+    method fixed; the run used the method's value, as here. Unknown methods are left as they are.
+    """
+    spec = METHOD_SPECS.get(plain.get("method"))
+    if spec is None:
+        return dict(plain)
+    out = dict(plain)
+    for key, default in METHOD_KEY_DEFAULTS.items():
+        if key in out or getattr(spec, key) is not None:
+            out[key] = getattr(spec, key) or out.get(key) or default
+    return out
+
+
 def config_differences(saved: dict, current: dict, ignore=RESUME_MUTABLE_KEYS) -> list[str]:
-    """Keys whose values differ between two plain configs, as 'key: saved -> current' lines."""
+    """Keys whose values differ between two plain configs, as 'key: saved -> current' lines.
+
+    The keys a method fixes are compared by what ran (`normalize_record`), so a config
+    leaving them to the method ("") matches a record of the same run.
+    """
     out = []
-    defaults = to_plain(base_config())
+    saved, current = normalize_record(saved), normalize_record(current)
+    defaults = normalize_record(to_plain(base_config()))
     for key in sorted(set(saved) | set(current)):
         if key in ignore:
             continue
@@ -365,21 +416,50 @@ def _resolve(spec: str, source_model: str, target_model: str, image_size: int, w
         raise ConfigError(f"{what}={spec!r}: {e}") from None
 
 
-def resolve_method(config) -> ResolvedMethod:
-    """What `config.method` (and the transfer keys) amount to; raises ConfigError on conflicts."""
+def method_values(config) -> dict[str, str]:
+    """The effective pairs, scheme and meta_kind of a config ({key: value}).
+
+    A key the method's name fixes takes the fixed value; an explicit value that
+    contradicts it raises ConfigError ("" and the fixed value itself are accepted).
+    Other keys keep the config's value, "" standing for `METHOD_KEY_DEFAULTS`.
+    """
     _choice(config, "method", METHODS)
     spec = METHOD_SPECS[config.method]
-    for key, fixed, default in (("scheme", spec.scheme, "proposed"), ("meta_kind", spec.meta_kind, "network")):
-        if fixed is not None and config[key] not in (default, fixed):
-            raise ConfigError(f"method {config.method!r} sets {key}={fixed!r}; config.{key}={config[key]!r} conflicts")
-    scheme = spec.scheme or config.scheme
-    meta_kind = spec.meta_kind or config.meta_kind
+    out = {}
+    for key, default in METHOD_KEY_DEFAULTS.items():
+        fixed, value = getattr(spec, key), config[key]
+        if fixed is not None and value not in ("", fixed):
+            raise ConfigError(
+                f"method {config.method!r} sets {key}={fixed!r}; config.{key}={value!r} conflicts "
+                f"(leave config.{key} unset, or choose it with method {spec.matching!r})"
+            )
+        out[key] = fixed or value or default
+    return out
+
+
+def fill_method_keys(config) -> None:
+    """Writes `method_values` into `config` in place: its pairs / scheme / meta_kind name what runs."""
+    for key, value in method_values(config).items():
+        config[key] = value
+
+
+def resolve_method(config) -> ResolvedMethod:
+    """What `config.method` (and the transfer keys) amount to; raises ConfigError on conflicts."""
+    values = method_values(config)
+    spec = METHOD_SPECS[config.method]
+    scheme, meta_kind, pair_spec = values["scheme"], values["meta_kind"], values["pairs"]
+    if spec.lwf and not float(config.lwf_weight) > 0.0:
+        raise ConfigError(f"method {config.method!r} adds LwF; config.lwf_weight={config.lwf_weight:g} turns "
+                          f"it off (choose a method without LwF instead)")
+    if spec.at and not float(config.at_beta) > 0.0:
+        raise ConfigError(f"method {config.method!r} adds AT; config.at_beta={config.at_beta:g} turns it off "
+                          f"(choose a method without AT instead)")
     needs_source = spec.matching != "scratch" or spec.lwf or spec.at
     sources: tuple[SourceSpec, ...] = ()
     if needs_source:
         sources = (SourceSpec(config.source_model, config.source_weights, int(config.source_num_classes),
-                              spec.pairs or config.pairs),)
-    extra = parse_extra_sources(config.extra_sources, spec.pairs or config.pairs)
+                              pair_spec),)
+    extra = parse_extra_sources(config.extra_sources, pair_spec)
     if extra and spec.matching == "scratch":
         raise ConfigError(f"config.extra_sources is for matching methods (fm, l2t_w, l2t_ww, ...), not {config.method!r}")
     sources += extra
@@ -395,10 +475,16 @@ def resolve_method(config) -> ResolvedMethod:
             got = _resolve(src.pairs, src.model, config.target_model, config.image_size, what)
             pairs.extend((m + offset, n) for m, n in got)
             offset += len(model_info(src.model).tap_channels)
+        if not pairs:
+            raise ConfigError(f"config.pairs={pair_spec!r} selects no pairs; method {config.method!r} matches "
+                              f"at least one")
     at_pairs = ()
     if spec.at:
         at_pairs = _resolve(config.at_pairs, config.source_model, config.target_model, config.image_size,
                             "config.at_pairs")
+        if not at_pairs:
+            raise ConfigError(f"config.at_pairs={config.at_pairs!r} selects no pairs; method {config.method!r} "
+                              f"transfers attention on at least one")
     return ResolvedMethod(
         name=config.method, matching=spec.matching, pairs=tuple(pairs), meta_kind=meta_kind, scheme=scheme,
         at_pairs=tuple(at_pairs), lwf_weight=float(config.lwf_weight) if spec.lwf else 0.0, sources=sources,
@@ -413,11 +499,18 @@ def resolve_pairs(config) -> tuple[tuple[int, int], ...]:
     return resolve_method(config).pairs
 
 
-def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+def validate(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()) -> tuple[tuple[int, int], ...]:
     """Checks everything that can be checked without loading data or weights.
 
     Raises `ConfigError` (or `FileNotFoundError` for a missing data/weights path) with
-    a message naming the key. Returns the resolved pairs.
+    a message naming the key. Returns the resolved pairs. On success it writes the
+    effective pairs / scheme / meta_kind into `config` (`fill_method_keys`), so the
+    config, and the config.json written from it, name what runs.
+
+    Args:
+      config: the run's config.
+      pending: weights files that an earlier stage of the same command will write
+        (the quickstart's source): not required to exist yet.
     """
     missing = sorted(set(base_config().keys()) - set(config.keys()))
     if missing:
@@ -426,13 +519,17 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}")
     _choice(config, "method", METHODS)
-    _choice(config, "scheme", SCHEMES)
+    for key, choices in (("scheme", SCHEMES), ("meta_kind", transfer.META_KINDS)):
+        if config[key] not in ("",) + tuple(choices):
+            raise ConfigError(f"config.{key}={config[key]!r} is not one of {', '.join(choices)} "
+                              f"(or '': the method's own)")
     _choice(config, "bn_updates", BN_UPDATES)
-    _choice(config, "meta_kind", transfer.META_KINDS)
+    _choice(config, "hvp", HVP_MODES)
     _choice(config, "lambda_type", transfer.LAMBDA_TYPES)
     _choice(config, "conv_impl", CONV_IMPLS)
     _choice(config, "data_parallel", DATA_PARALLEL)
-    positive = ("epochs", "batch_size", "T", "eval_batch_size", "log_every", "checkpoint_every_epochs",
+    _choice(config, "test_eval", TEST_EVAL)
+    positive = ("epochs", "batch_size", "T", "eval_batch_size", "eval_every_epochs", "log_every", "checkpoint_every_epochs",
                 "max_checkpoints", "image_size")
     for key in positive:
         if int(config[key]) < 1:
@@ -480,10 +577,11 @@ def validate(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
             raise ConfigError(f"{key}={src.model} takes 32 px images, image_size={config.image_size}")
         if not src.weights:
             raise ConfigError(f"method {config.method!r} needs {wkey} (a .pth/.pth.tar/.msgpack file)")
-        if not os.path.isfile(os.path.expanduser(src.weights)):
+        if src.weights not in pending and not os.path.isfile(os.path.expanduser(src.weights)):
             raise FileNotFoundError(f"{wkey}: weights file not found: {src.weights}")
     if config.target_weights and not os.path.isfile(os.path.expanduser(config.target_weights)):
         raise FileNotFoundError(f"config.target_weights: weights file not found: {config.target_weights}")
+    fill_method_keys(config)
     return pairs
 
 

@@ -16,10 +16,12 @@ Three kinds of files are handled:
 "batch_stats": ...}` trees of numpy arrays, in the layout of `l2t_jax.models`
 (conv kernels HWIO, Linear kernels (in, out)).
 
-PyTorch is optional: `read_torch_file` uses `torch.load` when torch is
-installed and otherwise its own reader of both of torch's file formats (the
-zip format and the legacy pickle format), which maps tensors to numpy arrays
-and refuses any pickled global outside a short allow-list.
+Torch files are read by `l2t_jax.io.torch_pickle.read_torch_file` (re-exported
+here), a reader of both of torch's file formats whose restricted unpickler
+resolves only the globals a checkpoint needs, so no weights file can run code
+when it is loaded, with or without PyTorch installed. A file that cannot be read
+raises `CheckpointReadError` (a `WeightImportError`) with a one-line message
+naming the file; PyTorch itself is needed only to write torch files.
 """
 
 from __future__ import annotations
@@ -29,19 +31,20 @@ import dataclasses
 import functools
 import io
 import os
-import pickle
-import struct
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from l2t_jax import transfer
+from l2t_jax.io.torch_pickle import CheckpointReadError, UnsafeCheckpointError, WeightImportError, read_torch_file
+from l2t_jax.io.torch_pickle import torch_to_numpy as _torch_to_numpy
 
 __all__ = [
     "WeightImportError",
+    "CheckpointReadError",
+    "UnsafeCheckpointError",
     "TorchEntry",
     "TorchLayout",
     "ReferenceRun",
@@ -62,298 +65,6 @@ __all__ = [
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
 MSGPACK_SUFFIXES = (".msgpack",)
 _BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-class WeightImportError(ValueError):
-    """A checkpoint does not fit the requested model (missing keys, wrong shapes, ...)."""
-
-
-# --------------------------------------------------------------------------------------
-# Reading torch files
-# --------------------------------------------------------------------------------------
-
-
-def _torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def read_torch_file(path: str | os.PathLike, *, backend: str = "auto") -> Any:
-    """Reads a file written by `torch.save`, with every tensor as a numpy array.
-
-    Containers (dict, OrderedDict, list, tuple) are rebuilt with numpy arrays in
-    place of tensors; tensors that shared storage in the file share memory here
-    (so aliased parameters can be recognised). Nothing is moved to a GPU.
-
-    Args:
-      path: the file.
-      backend: "torch" (`torch.load(path, map_location="cpu", weights_only=True)`),
-        "numpy" (this module's torch-free reader of the zip and the legacy
-        format), or "auto" (torch when importable, numpy otherwise).
-
-    Returns:
-      The unpickled object with numpy arrays for tensors.
-
-    Raises:
-      FileNotFoundError: `path` does not exist.
-      ImportError: backend "torch" without torch installed.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"expected a checkpoint file, got a directory: {path}")
-    if backend == "auto":
-        backend = "torch" if _torch_available() else "numpy"
-    if backend == "numpy":
-        return _numpy_load(path)
-    if backend != "torch":
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'numpy'")
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            "reading PyTorch checkpoints with backend='torch' needs PyTorch: install l2t_jax[torch] "
-            "(or pass backend='numpy')"
-        ) from e
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    return _torch_to_numpy(obj)
-
-
-def _tensor_to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _torch_to_numpy(obj: Any) -> Any:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return _tensor_to_numpy(obj)
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, _torch_to_numpy(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _torch_to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_torch_to_numpy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_torch_to_numpy(v) for v in obj)
-    return obj
-
-
-# ---- torch-free reader ----------------------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": "float32",
-    "DoubleStorage": "float64",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "ComplexFloatStorage": "complex64",
-    "ComplexDoubleStorage": "complex128",
-    "UntypedStorage": "uint8",
-}
-_TORCH_DTYPES = {
-    "float32": "float32",
-    "float": "float32",
-    "float64": "float64",
-    "double": "float64",
-    "float16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "int64": "int64",
-    "long": "int64",
-    "int32": "int32",
-    "int": "int32",
-    "int16": "int16",
-    "int8": "int8",
-    "uint8": "uint8",
-    "bool": "bool",
-    "complex64": "complex64",
-    "complex128": "complex128",
-}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-    """Stands for `torch.FloatStorage` & co. in the torch-free unpickler."""
-
-    name: str
-
-    @property
-    def dtype(self) -> np.dtype:
-        return _np_dtype(_STORAGE_DTYPES[self.name])
-
-
-def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size: Sequence[int], stride: Sequence[int], *_: Any) -> np.ndarray:
-    size = tuple(int(s) for s in size)
-    if 0 in size:
-        return np.zeros(size, storage.dtype)
-    extent = 1 + sum((s - 1) * st for s, st in zip(size, stride))
-    if storage_offset + extent > storage.size:
-        raise pickle.UnpicklingError(
-            f"tensor of size {size}, stride {tuple(stride)} at offset {storage_offset} overruns its storage of {storage.size} elements"
-        )
-    base = storage[storage_offset:]
-    return np.lib.stride_tricks.as_strided(base, shape=size, strides=tuple(int(st) * storage.itemsize for st in stride))
-
-
-def _rebuild_parameter(data: np.ndarray, *_: Any) -> np.ndarray:
-    return data
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
-    return func(*args)
-
-
-class _TorchFreeUnpickler(pickle.Unpickler):
-    """Unpickles torch's data.pkl with numpy arrays for tensors; refuses unknown globals."""
-
-    def __init__(self, file: Any, load_storage: Any) -> None:
-        super().__init__(file, encoding="utf-8")
-        self._load_storage = load_storage
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return _rebuild_from_type_v2
-        if module == "torch.nn.parameter" and name == "Parameter":
-            return _StorageType("Parameter")  # only used as a marker by _rebuild_from_type_v2
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch" and name == "Size":
-            return tuple
-        if module == "torch" and name in _TORCH_DTYPES:
-            return _np_dtype(_TORCH_DTYPES[name])
-        if module == "builtins" and name in ("set", "frozenset", "slice", "complex"):
-            return {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}[name]
-        raise pickle.UnpicklingError(
-            f"unsupported global {module}.{name} in a torch checkpoint (the torch-free reader only "
-            "rebuilds tensors and plain containers; install torch to read this file)"
-        )
-
-    def persistent_load(self, pid: Any) -> Any:
-        return self._load_storage(pid)
-
-
-def _numpy_load(path: Path) -> Any:
-    if zipfile.is_zipfile(path):
-        return _numpy_load_zip(path)
-    with open(path, "rb") as f:
-        head = f.read(1)
-    if head != b"\x80":
-        raise pickle.UnpicklingError(f"{path} is neither a torch zip archive nor a legacy torch pickle")
-    return _numpy_load_legacy(path)
-
-
-def _numpy_load_zip(path: Path) -> Any:
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkls) != 1:
-            raise pickle.UnpicklingError(f"{path}: expected one data.pkl in the archive, found {pkls}")
-        prefix = pkls[0][: -len("data.pkl")]
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            byteorder = zf.read(prefix + "byteorder").decode("ascii").strip()
-        storages: dict[str, np.ndarray] = {}
-
-        def load_storage(pid: Any) -> np.ndarray:
-            kind, storage_type, key, _location, numel = pid[:5]
-            if kind != "storage":
-                raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
-            key = str(key)
-            if key not in storages:
-                dtype = storage_type.dtype
-                raw = bytearray(zf.read(f"{prefix}data/{key}"))
-                if byteorder != "little" and dtype.itemsize > 1:
-                    arr = np.frombuffer(raw, dtype.newbyteorder(">")).astype(dtype)
-                else:
-                    arr = np.frombuffer(raw, dtype)
-                storages[key] = arr
-            return storages[key]
-
-        with zf.open(pkls[0]) as f:
-            return _TorchFreeUnpickler(io.BytesIO(f.read()), load_storage).load()
-
-
-def _numpy_load_legacy(path: Path) -> Any:
-    with open(path, "rb") as f:
-        data = f.read()
-    f = io.BytesIO(data)
-    if pickle.load(f) != _LEGACY_MAGIC:
-        raise pickle.UnpicklingError(f"{path}: invalid magic number (not a torch checkpoint)")
-    if pickle.load(f) != _LEGACY_PROTOCOL:
-        raise pickle.UnpicklingError(f"{path}: unsupported legacy protocol version")
-    sys_info = pickle.load(f)
-    little = sys_info.get("little_endian", True) if isinstance(sys_info, dict) else True
-    roots: dict[str, tuple[np.dtype, int]] = {}
-    arrays: dict[str, np.ndarray] = {}
-    # Storages are read after the main pickle; hand out lazily-filled placeholders.
-    placeholders: dict[str, np.ndarray] = {}
-
-    def load_storage(pid: Any) -> np.ndarray:
-        kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
-        if kind != "storage":
-            raise pickle.UnpicklingError(f"unsupported persistent id {kind!r} in a legacy checkpoint")
-        storage_type, root_key, _location, numel, view_metadata = pid[1:]
-        dtype = storage_type.dtype
-        if root_key not in placeholders:
-            placeholders[root_key] = np.empty(int(numel), dtype)
-            roots[root_key] = (dtype, int(numel))
-        root = placeholders[root_key]
-        if view_metadata is not None:
-            view_key, offset, view_size = view_metadata
-            if view_key not in arrays:
-                arrays[view_key] = root[int(offset) : int(offset) + int(view_size)]
-            return arrays[view_key]
-        return root
-
-    result = _TorchFreeUnpickler(f, load_storage).load()
-    keys = pickle.load(f)
-    for key in keys:
-        if key not in placeholders:
-            raise pickle.UnpicklingError(f"{path}: storage {key!r} listed but never referenced")
-        dtype, numel = roots[key]
-        (count,) = struct.unpack("<q" if little else ">q", f.read(8))
-        if count != numel:
-            raise pickle.UnpicklingError(f"{path}: storage {key!r} holds {count} elements, expected {numel}")
-        nbytes = count * dtype.itemsize
-        raw = f.read(nbytes)
-        if len(raw) != nbytes:
-            raise pickle.UnpicklingError(f"{path}: truncated storage {key!r}")
-        src = np.frombuffer(raw, dtype if little else dtype.newbyteorder(">"))
-        placeholders[key][...] = src
-    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -706,8 +417,18 @@ def load_pretrained(path: str | os.PathLike, model_name: str, num_classes: int |
 
     Returns:
       {"params", "batch_stats"}.
+
+    Raises:
+      CheckpointReadError: the file is not a readable PyTorch checkpoint or is
+        refused as unsafe (`read_torch_file`; nothing from it has run).
+      WeightImportError: the checkpoint does not fit `model_name` / `num_classes`.
     """
-    state_dict, recorded = unwrap_state_dict(read_torch_file(path))
+    try:
+        state_dict, recorded = unwrap_state_dict(read_torch_file(path))
+    except CheckpointReadError:
+        raise
+    except WeightImportError as e:
+        raise WeightImportError(f"{path}: {e}") from None
     if recorded is not None and num_classes is not None and recorded != num_classes:
         raise WeightImportError(f"{path}: checkpoint records num_classes={recorded}, but num_classes={num_classes} was requested")
     try:
@@ -798,13 +519,30 @@ def load_variables(path: str | os.PathLike) -> dict:
 
     Returns:
       The tree of numpy arrays.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      CheckpointReadError: the file is not msgpack of a variables tree (one
+        line naming the file).
     """
     from flax import serialization
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return serialization.msgpack_restore(path.read_bytes())
+    if not path.is_file():
+        raise CheckpointReadError(f"{path} is not a weights file (a directory?); pass a .msgpack file written by save_variables")
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack and flax raise ValueError, TypeError, ... for bytes that are not their format
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointReadError(
+            f"{path}: not a weights file written by save_variables ({type(e).__name__}: {reason}); "
+            "pass a .msgpack file written by this library"
+        ) from e
+    if not isinstance(tree, dict):
+        raise CheckpointReadError(f"{path}: holds a msgpack {type(tree).__name__}, not a variables tree; pass a .msgpack file written by save_variables")
+    return tree
 
 
 def _has_suffix(path: Path, suffixes: Iterable[str]) -> bool:
@@ -826,12 +564,18 @@ def load_weights(path: str | os.PathLike, model_name: str, num_classes: int | No
 
     Returns:
       {"params", "batch_stats"} checked against the model's shapes.
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      CheckpointReadError: the file cannot be read as weights (a directory, an
+        unknown suffix, not a checkpoint, truncated, or refused as unsafe).
+      WeightImportError: the weights do not fit `model_name` / `num_classes`.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights not found: {path}")
     if path.is_dir():
-        raise WeightImportError(
+        raise CheckpointReadError(
             f"{path} is a directory; loading from a run checkpoint directory is not supported yet "
             f"(pass a {'/'.join(TORCH_SUFFIXES + MSGPACK_SUFFIXES)} file)"
         )
@@ -844,7 +588,7 @@ def load_weights(path: str | os.PathLike, model_name: str, num_classes: int | No
         return variables
     if _has_suffix(path, TORCH_SUFFIXES):
         return load_pretrained(path, model_name, num_classes)
-    raise WeightImportError(
+    raise CheckpointReadError(
         f"{path}: unknown weights format (suffix); expected one of {', '.join(TORCH_SUFFIXES + MSGPACK_SUFFIXES)}"
     )
 

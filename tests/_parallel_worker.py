@@ -18,6 +18,8 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import sys
@@ -177,6 +179,10 @@ def devices_mode(n: int, out: str) -> dict:
     res["sync_vs_one_device"] = state_err(sn, ref)
     res["sync_metrics_vs_one_device"] = max(rel_err(a, b) for a, b in zip(sn_metrics, ref_metrics))
     res["sync_num_batches_tracked"] = int(sn.batch_stats["bn0"]["num_batches_tracked"])
+    # the mixed-mode meta-gradient (a custom VJP) under shard_map: the same iteration
+    mixed = parallel.make_parallel_train_step(models, dataclasses.replace(cfg, hvp="mixed"), mesh, bn="sync")
+    mn, _ = run(mixed, state0, sv, batches)
+    res["sync_mixed_hvp_vs_one_device"] = state_err(mn, ref)
 
     # bn="local" on n devices == ghost batch norm over n groups on one device
     local_step = parallel.make_parallel_train_step(models, cfg, mesh, bn="local")

@@ -5,11 +5,19 @@
 * A persistent compilation cache under the repo (ignored by git) makes repeated
   compiles cheap within one CI run and across local runs.
 * `shared_dir()` locates ../shared (env var L2T_SHARED overrides) and
-  `require_shared(rel)` skips with the missing path named when a file is absent.
+  `require_shared(rel)` returns a file or folder there after checking it against the
+  sha256 recorded in tests/shared_checksums.json. A missing or stale (checksum
+  mismatch) copy skips the test with the reason; under CI (environment CI=true, set by
+  .ci/run) it fails it instead, so the independent checks cannot silently vanish.
+  After a deliberate change of the shared data, `python tests/conftest.py` re-records
+  the checksums from the current copy.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -28,12 +36,91 @@ def shared_dir() -> Path:
     return Path(os.environ.get("L2T_SHARED", REPO.parent / "shared")).resolve()
 
 
+SHARED_CHECKSUMS = REPO / "tests" / "shared_checksums.json"
+
+
+def in_ci() -> bool:
+    """True when the environment says CI (CI=true/1/yes, as CI systems and .ci/run set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def shared_manifest() -> dict[str, dict]:
+    """{path under the shared folder: {"size", "sha256"}} of every shared file a test reads."""
+    return json.loads(SHARED_CHECKSUMS.read_text())["files"]
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def shared_unavailable(message: str):
+    """Skips the test with `message`; under CI fails it (a missing check is an error there)."""
+    if in_ci():
+        pytest.fail(f"{message} [CI=true: the reference data is required here, so this is an error, not a skip]",
+                    pytrace=False)
+    pytest.skip(message)
+
+
 def require_shared(rel: str) -> Path:
-    """Path of `rel` under the shared folder; skips the test, naming the path, if it is absent."""
-    path = shared_dir() / rel
-    if not path.exists():
-        pytest.skip(f"shared artefact not found: {path} (set L2T_SHARED to the folder holding it)")
-    return path
+    """Path of `rel` (a file or a folder) under the shared folder, checked against its recorded checksums.
+
+    Every file recorded in tests/shared_checksums.json at `rel` or under it must be there with
+    its recorded size and sha256; otherwise the test is skipped, naming the file and what is wrong
+    (missing or stale), or failed under CI=true. A `rel` with no recorded file is an error in the
+    test itself (record its checksum).
+    """
+    rel = rel.strip("/")
+    root = shared_dir()
+    manifest = shared_manifest()
+    wanted = sorted(k for k in manifest if k == rel or k.startswith(rel + "/"))
+    if not wanted:
+        pytest.fail(f"shared artefact {rel!r} has no checksum in {SHARED_CHECKSUMS.name}: record it there "
+                    f"(python tests/conftest.py {rel})", pytrace=False)
+    hint = f"(set L2T_SHARED to the folder holding reference/ and data/; now {root})"
+    missing = [k for k in wanted if not (root / k).is_file()]
+    if missing:
+        named = [root / rel] if not (root / rel).exists() else [root / k for k in missing]
+        shared_unavailable(f"shared artefact not found: {', '.join(map(str, named))} {hint}")
+    stale = []
+    for k in wanted:
+        path, want = root / k, manifest[k]
+        size = path.stat().st_size
+        if size != want["size"]:
+            stale.append(f"{path}: {size} bytes, recorded {want['size']}")
+        else:
+            got = file_sha256(path)
+            if got != want["sha256"]:
+                stale.append(f"{path}: sha256 {got[:16]}..., recorded {want['sha256'][:16]}...")
+    if stale:
+        shared_unavailable(f"stale shared artefact (differs from {SHARED_CHECKSUMS.name}): {'; '.join(stale)} "
+                           f"{hint}")
+    return root / rel
+
+
+def _record_checksums(rels: list[str]) -> None:
+    """Re-records the checksums of `rels` (default: every recorded file) from the current shared folder."""
+    root = shared_dir()
+    doc = json.loads(SHARED_CHECKSUMS.read_text()) if SHARED_CHECKSUMS.exists() else {"files": {}}
+    files = doc["files"]
+    for rel in rels or list(files):
+        rel = rel.strip("/")
+        paths = [root / rel] if (root / rel).is_file() else sorted(p for p in (root / rel).rglob("*") if p.is_file())
+        for p in paths:
+            files[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    doc["files"] = dict(sorted(files.items()))
+    SHARED_CHECKSUMS.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"{len(files)} checksums in {SHARED_CHECKSUMS}")
 
 
 # --------------------------------------------------------------------------- tiny runs shared by test files
@@ -77,3 +164,9 @@ def tiny_config(dataset: str, **overrides):
     for k, v in overrides.items():
         c[k] = v
     return c
+
+
+if __name__ == "__main__":  # python tests/conftest.py [REL ...]: re-record checksums from the shared folder
+    import sys
+
+    _record_checksums(sys.argv[1:])

@@ -1,9 +1,12 @@
 """Exactness of the meta-gradient and the semantics of one training iteration.
 
 Small networks in float64: central finite differences of the outer loss along
-random directions of φ, JVP·v = v·VJP, an independent hand-written unroll
-(plain arrays, PyTorch's SGD rule written out), and `train_step`'s bookkeeping
-(look-ahead discarded, BN statistics updated twice, Adam on φ).
+random directions of φ; an independent hand-written unroll (plain arrays,
+PyTorch's SGD rule written out, every parameter updated in every look-ahead step
+as the reference's loop does: shared/reference/README.md); the first-order
+scheme against its stop-gradient definition; and `train_step`'s bookkeeping
+(look-ahead discarded, BN statistics updated twice at the right θ, one Adam step
+on φ that lowers the outer loss).
 """
 
 from __future__ import annotations
@@ -123,25 +126,13 @@ def test_meta_gradient_matches_central_finite_differences(name):
         assert abs(fd - an) <= 1e-6 * scale, (name, k, float(fd), float(an))
 
 
-@pytest.mark.parametrize("name", ["proposed_T2", "T3_const_sparse"])
-def test_jvp_equals_vjp(name):
-    cfg, state, sv, x, y = _setup(**CASES[name])
-    feats = bilevel.source_features(SOURCE, sv, x)
-
-    def f(phi, params, opt_state, bs):
-        return bilevel.lookahead_loss(phi, params, opt_state, bs, x, y, feats, model=TARGET, cfg=cfg)[0]
-
-    phi = state.meta_params
-    v = _random_like(jax.random.key(7), phi)
-    args = (state.params, state.opt_state, state.batch_stats)
-    _, jvp = jax.jit(lambda p, t, *a: jax.jvp(lambda q: f(q, *a), (p,), (t,)))(phi, v, *args)
-    vjp = _vdot(jax.jit(jax.grad(f))(phi, *args), v)
-    assert abs(jvp - vjp) <= 1e-12 * abs(vjp)
-
-
-def _hand_unrolled_outer(phi, cfg, state, sv, x, y):
-    """The look-ahead written out independently: plain pytrees, PyTorch's SGD rule by hand,
-    parameters without a gradient path skipped (the classifier during matching steps)."""
+def _hand_unrolled_outer(phi, cfg, state, sv, x, y, first_order=False):
+    """The look-ahead written out independently from the reference's description
+    (shared/reference/README.md): plain pytrees, PyTorch's SGD rule by hand, and every
+    parameter updated in every step — one the step's loss does not touch (the
+    classifier in a matching step, the branch in the CE step) has a zero gradient, so
+    it still moves by weight decay and momentum. `first_order`: each step's gradient
+    is taken at stop_gradient(θ) (its own definition: no second-order term)."""
     lr = state.opt_state.hyperparams["learning_rate"]
     mom, wd = cfg.momentum, cfg.weight_decay
     feats = bilevel.source_features(SOURCE, sv, x)
@@ -172,22 +163,14 @@ def _hand_unrolled_outer(phi, cfg, state, sv, x, y):
         logits, _ = forward(th)
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(y.shape[0]), y])
 
-    def step(th, b, loss, frozen):
-        g = jax.grad(loss)(th)
-
-        def update(path, p, gg, bb):
-            if any(frozen(str(k)) for k in path):
-                return (p, bb)
-            nb = mom * bb + gg + wd * p  # buf <- momentum * buf + (grad + wd * θ)
-            return (p - lr * nb, nb)
-
-        out = jax.tree_util.tree_map_with_path(update, th, g, b)
-        is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
-        return (jax.tree.map(lambda t: t[0], out, is_leaf=is_pair), jax.tree.map(lambda t: t[1], out, is_leaf=is_pair))
+    def step(th, b, loss):
+        g = jax.grad(loss)(jax.lax.stop_gradient(th) if first_order else th)
+        nb = jax.tree.map(lambda bb, gg, p: mom * bb + gg + wd * p, b, g, th)  # buf <- m·buf + (∇ + wd·θ)
+        return jax.tree.map(lambda p, bb: p - lr * bb, th, nb), nb
 
     for _ in range(cfg.T):
-        theta, buf = step(theta, buf, wfm, lambda k: "fc" in k)  # the classifier gets no matching gradient
-    theta, buf = step(theta, buf, ce, lambda k: "branch" in k)  # the branch gets no CE gradient
+        theta, buf = step(theta, buf, wfm)
+    theta, buf = step(theta, buf, ce)
     return ce(theta)
 
 
@@ -200,37 +183,51 @@ def test_lookahead_equals_hand_written_unroll():
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_classifier_is_frozen_during_matching_steps_and_that_matters():
-    """PyTorch skips parameters whose .grad is None; updating them with zero gradients
-    (weight decay + momentum) would give a different outer loss."""
-    cfg, state, sv, x, y = _setup()
+def _frozen_step_outer(cfg, state, sv, x, y, frozen_in_matching):
+    """The look-ahead's outer loss when the leaves `frozen_in_matching(path)` are skipped
+    (value and momentum kept) in the matching-only steps: the artefact of a fresh
+    optimizer, where the classifier had no `.grad` yet."""
     feats = bilevel.source_features(SOURCE, sv, x)
     w, lam = transfer.meta_outputs(state.meta_params, transfer.pool(feats), cfg.matching)
+    tx = bilevel.pytorch_sgd(0.0, 0.0, 0.0, F64)
+    p, s = state.params, state.opt_state
 
-    def objective(q):
-        t = bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam, cfg.matching)
-        return t.wfm, t.batch_stats
+    def keep(new, old):
+        return jax.tree_util.tree_map_with_path(lambda path, a, b: b if frozen_in_matching(jax.tree_util.keystr(path)) else a,
+                                                new, old)
 
-    mask = bilevel.grad_mask(objective, state.params)
-    assert mask["model"]["fc"] == {"kernel": False, "bias": False}
-    assert all(jax.tree.leaves(mask["branch"])) and mask["model"]["conv0"]["kernel"]
-    ce_mask = bilevel.grad_mask(lambda q: bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam,
-                                                             cfg.matching).ce, state.params)
-    assert not any(jax.tree.leaves(ce_mask["branch"])) and ce_mask["model"]["fc"]["kernel"]
-    # the mask changes the result: SGD on every leaf would move the classifier
-    tx = bilevel.pytorch_sgd(0.1, 0.9, 1e-4, F64)
-    grads = jax.grad(lambda q: objective(q)[0])(state.params)
-    masked, _ = bilevel.sgd_apply(tx, state.params, state.opt_state, grads, mask)
-    unmasked, _ = bilevel.sgd_apply(tx, state.params, state.opt_state, grads)
-    np.testing.assert_array_equal(masked["model"]["fc"]["kernel"], state.params["model"]["fc"]["kernel"])
-    assert not np.allclose(unmasked["model"]["fc"]["kernel"], state.params["model"]["fc"]["kernel"])
+    for _ in range(cfg.T):
+        g = jax.grad(lambda q: bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam, cfg.matching).wfm)(p)
+        p1, s1 = bilevel.sgd_apply(tx, p, s, g)
+        p = keep(p1, p)
+        s = bilevel.with_momentum_buffers(s1, keep(bilevel.momentum_buffers(s1), bilevel.momentum_buffers(s)))
+    g = jax.grad(lambda q: bilevel.loss_terms(TARGET, q, state.batch_stats, x, y, feats, w, lam, cfg.matching).ce)(p)
+    p, s = bilevel.sgd_apply(tx, p, s, g)
+    return bilevel.loss_terms(TARGET, p, state.batch_stats, x, y, feats, w, lam, cfg.matching).ce
 
 
-def test_first_order_differs_from_exact():
+def test_classifier_moves_during_matching_steps_and_that_matters():
+    """The reference's loop updates every parameter in every look-ahead step. A look-ahead
+    that froze the classifier in the matching-only steps gives another outer loss, and
+    `lookahead_loss` must equal the unfrozen one."""
+    cfg, state, sv, x, y = _setup()
+    outer = float(_outer_fn(cfg, state, sv, x, y)(state.meta_params)[0])
+    every_leaf = float(_frozen_step_outer(cfg, state, sv, x, y, lambda path: False))
+    frozen_fc = float(_frozen_step_outer(cfg, state, sv, x, y, lambda path: "'fc'" in path))
+    assert outer == pytest.approx(every_leaf, rel=1e-13)
+    assert abs(frozen_fc - every_leaf) > 1e-6 * abs(every_leaf), "freezing the classifier must change the outer loss"
+
+
+def test_first_order_is_the_stop_gradient_unroll():
+    """scheme="first_order" against its own definition: the hand-written unroll with each
+    inner gradient taken at stop_gradient(θ); and it differs from the exact meta-gradient."""
     cfg, state, sv, x, y = _setup()
     exact = _outer_fn(cfg, state, sv, x, y)(state.meta_params)[1]
     fo_cfg = dataclasses.replace(cfg, scheme="first_order")
     fo = _outer_fn(fo_cfg, state, sv, x, y)(state.meta_params)[1]
+    hand = jax.jit(jax.grad(lambda p: _hand_unrolled_outer(p, cfg, state, sv, x, y, first_order=True)))(state.meta_params)
+    for a, b in zip(jax.tree.leaves(fo), jax.tree.leaves(hand)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     num = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(fo)))
     den = sum(jnp.sum(a**2) for a in jax.tree.leaves(exact))
     assert float(jnp.sqrt(num / den)) > 1e-3
@@ -274,10 +271,15 @@ def test_train_step_bookkeeping(bn_updates, method, expected):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
     for a, b in zip(jax.tree.leaves(bilevel.momentum_buffers(new.opt_state)), jax.tree.leaves(bilevel.momentum_buffers(opt1))):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    # BN running statistics: the real step's forward at θ updates them; L2T-ww's reverse pass
+    # (bn_updates="reference") updates them once more by a training-mode forward at θ₁.
+    want_stats = terms.batch_stats
+    if method != "fm" and bn_updates == "reference":
+        want_stats = bilevel.target_forward(TARGET, theta1, terms.batch_stats, x)[2]
+    for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(want_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
     if method == "fm":
         assert new.meta_params == {}
-        if bn_updates == "reference":
-            np.testing.assert_allclose(new.batch_stats["bn1"]["var"], terms.batch_stats["bn1"]["var"], rtol=1e-14)
         return
     # φ moved by exactly one PyTorch-Adam step on the meta-gradient at θ₁
     g, outer, _ = bilevel.meta_gradient(state.meta_params, theta1, opt1, terms.batch_stats, x, y, feats,
@@ -290,12 +292,23 @@ def test_train_step_bookkeeping(bn_updates, method, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_lambdas_differ_by_pair_after_training():
+def test_meta_step_descends_the_outer_loss():
+    """φ moves against the meta-gradient (one PyTorch-Adam step from a fresh state:
+    about -lr·sign(g + wd·φ) per entry), and the outer loss at the same θ₁ drops."""
     cfg, state, sv, x, y = _setup()
     step = bilevel.make_train_step(bilevel.Models(TARGET, SOURCE), cfg, donate=False)
-    _, metrics = step(state, sv, x, y, 0.1)
-    lam = np.asarray(metrics["lambda"])
-    assert lam.shape == (len(PAIRS),) and np.ptp(lam) > 1e-3
+    new, metrics = step(state, sv, x, y, 0.1)
+    f = _outer_fn(cfg, new, sv, x, y)  # the look-ahead from θ₁ (training-mode BN: running statistics unused)
+    before, g = f(state.meta_params)
+    after, _ = f(new.meta_params)
+    np.testing.assert_allclose(before, metrics["outer_loss"], rtol=1e-12)
+    delta = jax.tree.map(lambda a, b: a - b, new.meta_params, state.meta_params)
+    assert float(_vdot(delta, g)) < 0
+    for d, gg, p in zip(jax.tree.leaves(delta), jax.tree.leaves(g), jax.tree.leaves(state.meta_params)):
+        g_eff = gg + cfg.meta_weight_decay * p  # PyTorch's Adam: L2 decay added to the gradient
+        # first step: m̂ = g, v̂ = g², so Δφ = -lr·g/(|g| + eps), eps = 1e-8
+        np.testing.assert_allclose(d, -cfg.meta_lr * g_eff / (np.abs(g_eff) + 1e-8), rtol=1e-9, atol=1e-18)
+    assert float(after) < float(before)
 
 
 def test_config_errors():
@@ -305,6 +318,8 @@ def test_config_errors():
         bilevel.BilevelConfig(T=0)
     with pytest.raises(ValueError, match="bn_updates"):
         bilevel.BilevelConfig(bn_updates="double")
+    with pytest.raises(ValueError, match="hvp"):
+        bilevel.BilevelConfig(hvp="forward")
 
 
 @pytest.mark.parametrize("scheme", ["proposed", "original"])
@@ -330,3 +345,36 @@ def test_unrolled_lookahead_gives_the_same_meta_gradient(scheme):
     assert not has_loop(cfg)
     assert has_loop(rolled)
     assert has_loop(dataclasses.replace(cfg, remat=True))  # remat keeps the loop (its memory saving)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mixed_mode_hvp_gives_the_same_meta_gradient(name):
+    """hvp="mixed" (forward-over-reverse Hessian-vector products in a custom VJP) equals
+    reverse over reverse to 1e-12 on every case (both schemes, T 1-3, momentum 0, every λ
+    type, meta-weights), and with remat and the scan loop."""
+    cfg, state, sv, x, y = _setup(**CASES[name])
+    v1, g1 = _outer_fn(cfg, state, sv, x, y)(state.meta_params)
+    variants = [dataclasses.replace(cfg, hvp="mixed")]
+    if name == "proposed_T2":
+        variants += [dataclasses.replace(cfg, hvp="mixed", remat=True),
+                     dataclasses.replace(cfg, hvp="mixed", unroll=False),
+                     dataclasses.replace(cfg, hvp="mixed", scheme="first_order")]
+    for c in variants:
+        ref = (v1, g1) if c.scheme == cfg.scheme else _outer_fn(dataclasses.replace(c, hvp="reverse"), state, sv, x, y)(
+            state.meta_params)
+        v2, g2 = _outer_fn(c, state, sv, x, y)(state.meta_params)
+        np.testing.assert_allclose(v2, ref[0], rtol=1e-13)
+        num = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(ref[1])))
+        den = sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(ref[1]))
+        assert np.sqrt(num / den) <= 1e-12, (name, c)
+
+
+def test_mixed_mode_train_step_equals_reverse():
+    """A whole iteration (real step, meta step, Adam, BN statistics) is the same in both modes."""
+    cfg, state, sv, x, y = _setup()
+    a, ma = bilevel.make_train_step(bilevel.Models(TARGET, SOURCE), cfg, donate=False)(state, sv, x, y, 0.1)
+    b, mb = bilevel.make_train_step(bilevel.Models(TARGET, SOURCE), dataclasses.replace(cfg, hvp="mixed"),
+                                    donate=False)(state, sv, x, y, 0.1)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ma["meta_grad_norm"], mb["meta_grad_norm"], rtol=1e-12)

@@ -7,24 +7,22 @@ behaviour of its transforms is written from their documented algorithms.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
+
 from PIL import Image
+
+from conftest import require_shared
 
 from l2t_jax import data as D
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ("airplane", "automobile", "bird")
 N_TRAIN, N_TEST = 5, 3  # images per class extracted from the CIFAR-10 JPEG tar
-
-
-def _shared_dir() -> Path:
-    return Path(os.environ.get("L2T_SHARED", REPO.parent / "shared")).resolve()
 
 
 def _random_images(n: int, h: int = 32, w: int = 32, seed: int = 0) -> np.ndarray:
@@ -47,9 +45,7 @@ def _collect(it):
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def cifar_folder(tmp_path_factory) -> Path:
-    tar_path = _shared_dir() / "data" / "cifar10-jpeg.tar"
-    if not tar_path.is_file():
-        pytest.skip(f"CIFAR-10 JPEG tar not found: {tar_path} (set L2T_SHARED to the folder holding data/)")
+    tar_path = require_shared("data/cifar10-jpeg.tar")  # skips (fails under CI) when absent or stale
     root = tmp_path_factory.mktemp("cifar10_jpeg")
     want = {"train": N_TRAIN, "test": N_TEST}
     counts: dict[tuple[str, str], int] = {}

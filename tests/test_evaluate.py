@@ -132,7 +132,7 @@ def test_cli_errors(capsys, tiny, tmp_path):
     ]
     for argv, needle in cases:
         rc, out, err = run_main(capsys, *argv)
-        assert rc == 1 and out == "", (argv, out, err)
+        assert rc == 2 and out == "", (argv, out, err)
         assert "error:" in err and needle in err, (argv, err)
 
 
@@ -177,5 +177,5 @@ def test_cli_real_tinyimagenet_weights_subprocess(tmp_path, capsys):
     assert one_json_line(proc.stdout) == {"top1": pytest.approx(100.0 * 8 / 12), "n": 12}
     # Without --resize the 64 px images are refused, naming the fix (in-process: no second start-up).
     rc, out, err = run_main(capsys, "--model=resnet32", f"--weights={weights}", f"--data={data}")
-    assert rc == 1 and out == ""
+    assert rc == 2 and out == ""
     assert "takes 32x32 images" in err and "--resize=32" in err

@@ -24,8 +24,13 @@ from l2t_jax import bilevel, loop, run_config, transfer, weights
 from l2t_jax.models import get_model, init_model, model_info
 from l2t_jax.transfer import MatchingConfig
 
-torch = pytest.importorskip("torch")
-F = torch.nn.functional
+try:  # only the two PyTorch comparisons of the baselines' losses need it; the runs do not
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = F = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed (pip install -e '.[torch]'): "
+                                                       "no reference to compare the loss with")
 
 N_CLASSES = 4
 SOURCE_CLASSES = 7
@@ -48,7 +53,9 @@ def source_weights(tmp_path_factory) -> str:
 
 def method_config(npz_path, source_weights, method: str, **overrides):
     """`tiny_config` with a method, two pairs (matching and AT), T = 1 and a log line every step."""
-    c = tiny_config(f"npz:{npz_path}", method=method, source_weights=source_weights, pairs="1-1,2-2",
+    spec = run_config.METHOD_SPECS.get(method)
+    pairs = "" if spec and spec.pairs else "1-1,2-2"  # a name that fixes the pairs: its own
+    c = tiny_config(f"npz:{npz_path}", method=method, source_weights=source_weights, pairs=pairs,
                     at_pairs="1-1,2-2", T=1, eval_batch_size=32, log_every=1)
     for k, v in overrides.items():
         c[k] = v
@@ -125,6 +132,7 @@ def _torch_at_loss(fs, ft):
     return (at(fs) - at(ft)).pow(2).mean()
 
 
+@needs_torch
 def test_attention_loss_and_gradient_match_pytorch():
     rng = np.random.default_rng(0)
     src = [rng.normal(size=(3, 8, 8, 5)), rng.normal(size=(3, 4, 4, 6))]
@@ -160,6 +168,7 @@ def test_attention_loss_resizes_the_source_map_and_is_zero_for_equal_maps():
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-12)
 
 
+@needs_torch
 def test_distillation_loss_matches_pytorch_kl_div():
     rng = np.random.default_rng(2)
     s, t = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3
@@ -246,7 +255,8 @@ def test_every_method_trains_with_its_structure(method, npz_path, source_weights
     for r in train:
         assert ("lwf" in r) == (method in ("lwf", "lwf_at"))
         assert ("at" in r) == (method in ("at", "lwf_at"))
-        assert r["loss"] == pytest.approx(r["ce"] + r["wfm"] + r.get("at", 0.0) + r.get("lwf", 0.0), rel=1e-5)
+        # float32 sum of <= 4 non-negative terms: <= 4 roundings of half an ulp, 2.4e-7 (measured <= 6e-8)
+        assert r["loss"] == pytest.approx(r["ce"] + r["wfm"] + r.get("at", 0.0) + r.get("lwf", 0.0), rel=2.4e-7)
         if "at" in r or "lwf" in r:
             assert r.get("at", 1.0) > 0 and r.get("lwf", 1.0) > 0
     if method in ("lwf", "lwf_at"):
@@ -280,8 +290,16 @@ def test_every_method_trains_with_its_structure(method, npz_path, source_weights
         assert "lw" not in meta and epoch0["train_lambda"] == [1.0] * P
         return
     lam = epoch0["train_lambda"]
-    assert len(lam) == P and len({round(v, 6) for v in lam}) == P  # λ differs by pair after training
+    assert len(lam) == P
+    # The λ networks learned: their deterministic start (bias / value = lambda_init 1.0) moved
+    # in every pair (a random kernel differs by pair from the start, so "λ differs by pair"
+    # would prove nothing). That the moves descend the outer loss is tested in test_bilevel.
+    start = [float(np.asarray(v["bias" if "bias" in v else "value"]).ravel()[0]) for v in meta["lw"]]
+    assert all(v != 1.0 for v in start), start
     if resolved.meta_kind == "weights":
         assert set(meta["w"][0]) == {"logits"} and set(meta["lw"][0]) == {"value"}
         # Constants: λ is the same for every sample of a batch, relu6 of the learned value.
-        assert lam == pytest.approx([min(max(float(v["value"]), 0.0), 6.0) for v in meta["lw"]], abs=0.05)
+        # epoch 1's λ (mean over steps 1-3: φ before Adam steps 0-2) against the final φ (after step 6): 4-6
+        # Adam steps apart, each at most meta_lr·(1-β1)/√(1-β2) = 3.2·meta_lr, relu6 1-Lipschitz (measured 4e-4)
+        bound = 5 * c.meta_lr * 0.1 / math.sqrt(0.001) + 1e-6
+        assert lam == pytest.approx([min(max(float(v["value"]), 0.0), 6.0) for v in meta["lw"]], abs=bound)

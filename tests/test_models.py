@@ -2,8 +2,8 @@
 
 Weights go PyTorch -> state dict -> `variables_from_torch`; logits, every tap and
 (in training mode) the updated BN running statistics are compared in float32
-(relative error <= 1e-4) and float64 (<= 1e-10). Relative error is the max
-absolute difference over the max absolute value of the PyTorch tensor.
+and float64 to `TOL[dtype, train]`. Relative error is the max absolute difference over
+the max absolute value of the PyTorch tensor.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from l2t_jax.models import available_models, get_model, model_info
 from l2t_jax.weights import WeightImportError, read_torch_file, variables_from_torch
 from torch_reference import make_torch_model, perturb_
 
-TOL = {np.float32: 1e-4, np.float64: 1e-10}
+# Relative error bounds by (dtype, training mode), about 5-10x the worst measured over every case here
+# (eval: logits and taps, worst float32 1.7e-6 (resnet34), float64 6e-15; train: also the updated BN
+# running statistics, worst float32 1.8e-5 (resnet34), float64 5.6e-13 (resnet50 at 224 px)).
+TOL = {(np.float32, False): 1e-5, (np.float32, True): 1e-4, (np.float64, False): 1e-13, (np.float64, True): 5e-12}
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -131,20 +134,20 @@ CASES += [
 )
 def test_parity_with_pytorch(name, dtype, train):
     tm, variables, x = setup_pair(name, dtype, seed=zlib.crc32(name.encode()) % 1000)
-    check_parity(name, tm, variables, x, train, TOL[dtype])
+    check_parity(name, tm, variables, x, train, TOL[dtype, train])
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg9_bn"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_conv_impls_match_pytorch_and_each_other(name, dtype):
     tm, variables, x = setup_pair(name, dtype, seed=7)
-    check_parity(name, tm, variables, x, True, TOL[dtype], conv_impl="xla")
+    check_parity(name, tm, variables, x, True, TOL[dtype, True], conv_impl="xla")
     # Fresh copy of the PyTorch model's state: the previous call updated its running stats.
     tm, variables, x = setup_pair(name, dtype, seed=7)
-    check_parity(name, tm, variables, x, True, TOL[dtype], conv_impl="im2col")
+    check_parity(name, tm, variables, x, True, TOL[dtype, True], conv_impl="im2col")
     a = jitted_apply(name, 10, "xla", True)(variables, x.transpose(0, 2, 3, 1))
     b = jitted_apply(name, 10, "im2col", True)(variables, x.transpose(0, 2, 3, 1))
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    tol = 1e-5 if dtype == np.float32 else 1e-13  # measured 6.8e-6, 1.2e-14
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         if np.issubdtype(np.asarray(u).dtype, np.floating):
             assert rel_err(u, v) <= tol
@@ -211,7 +214,7 @@ def test_im2col_conv_groupings_equal_xla_conv_to_second_order(k, stride, padding
     ref = at(lambda x, w: xla_conv(x, w, stride, padding))
     for name, a, b in zip(("y", "dx", "dw", "hvp_x", "hvp_w"), ours, ref):
         assert a.shape == b.shape and a.dtype == np.float64, name
-        assert _l2(a, b) <= 1e-12, (name, _l2(a, b))
+        assert _l2(a, b) <= 1e-14, (name, _l2(a, b))  # measured <= 1.1e-15
 
 
 def structured_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -249,7 +252,7 @@ def test_tinyimagenet_resnet32_matches_pytorch(dtype):
         tm = tm.double()
         variables = jax.tree_util.tree_map(lambda a: a.astype(np.float64) if a.dtype == np.float32 else a, variables)
     x = normalise(structured_images(4, 32, seed=0)).astype(dtype).transpose(0, 3, 1, 2)
-    errors = check_parity("resnet32", tm, variables, np.ascontiguousarray(x), False, TOL[dtype], num_classes=200)
+    errors = check_parity("resnet32", tm, variables, np.ascontiguousarray(x), False, TOL[dtype, False], num_classes=200)
     assert len([k for k in errors if k.startswith("tap")]) == 15
 
 
@@ -264,8 +267,8 @@ def test_stl10_case_vgg_target_imports_and_matches_pytorch():
     tm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
     batch = np.load(case / "batch.npz")
     x = np.ascontiguousarray(batch["x"])
-    check_parity("vgg9_bn", tm, variables, x, False, TOL[np.float32])
-    check_parity("vgg9_bn", tm, variables, x, True, TOL[np.float32])
+    check_parity("vgg9_bn", tm, variables, x, False, TOL[np.float32, False])
+    check_parity("vgg9_bn", tm, variables, x, True, TOL[np.float32, True])
 
 
 def test_import_errors_name_the_key():

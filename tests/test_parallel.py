@@ -75,6 +75,7 @@ def test_sync_bn_four_devices_equal_one_device(four_devices):
     assert r["sync_vs_one_device"] < TOL, r
     assert r["sync_metrics_vs_one_device"] < TOL, r
     assert r["sync_num_batches_tracked"] == 6  # two BN updates per iteration, as the reference
+    assert r["sync_mixed_hvp_vs_one_device"] < TOL, r  # hvp="mixed" (a custom VJP) under shard_map
     assert r["sync_replicas_identical"]
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from conftest import REPO, require_shared, tiny_config, write_digits_npz
 from l2t_jax import bilevel, loop, run_config, weights
 from l2t_jax.checkpoint import Checkpointer
@@ -187,38 +188,85 @@ def test_transfer_runs_end_to_end(method, npz_path, source_weights, l2t_run, tmp
         assert all(line["lambda"] == [1.0] for line in train_lines)
 
 
-def test_interrupted_runs_resume_exactly(npz_path, source_weights, l2t_run, tmp_path):
-    """Stopped mid-epoch, then at an epoch end, then run to the end: the same numbers as one run."""
-    ref_dir, ref = l2t_run
-    config = l2t_config(npz_path, source_weights)
+def _assert_same_state(a, b, where: str) -> None:
+    """Every array of two `TrainState`s (θ with the branch, BN statistics, SGD momentum and injected lr,
+    φ, Adam's count/mu/nu, step) is bit-identical, with the same dtype, in the same tree structure."""
+    la, tree_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))
+    lb, tree_b = jax.tree_util.tree_flatten_with_path(jax.device_get(b))
+    assert tree_a == tree_b, where
+    differ = [
+        f"{jax.tree_util.keystr(path)} (max |diff| {np.max(np.abs(np.asarray(u, np.float64) - v)):.3g})"
+        for (path, u), (_, v) in zip(la, lb)
+        if np.asarray(u).dtype != np.asarray(v).dtype or not np.array_equal(u, v)
+    ]
+    assert not differ, f"{where}: {len(differ)} of {len(la)} arrays differ: {', '.join(differ[:8])} ..."
+
+
+def test_interrupted_runs_resume_exactly(npz_path, source_weights, tmp_path):
+    """Stopped mid-epoch, then at an epoch end, then run to the end: the same numbers and the same whole
+    `TrainState` at every checkpoint as one uninterrupted run.
+
+    3 epochs (cosine lr 0.075, 0.025, 0): after both resume points (step 2 of epoch 1 and the end of
+    epoch 1) θ still trains at a non-zero learning rate, so its momentum matters; every checkpoint the
+    two runs share (steps 3, 6, 9) is compared array by array, so each resume is checked on its own.
+    """
+    config = l2t_config(npz_path, source_weights, epochs=3, max_checkpoints=3)
+    ref_dir = tmp_path / "uninterrupted"
+    ref = loop.train(config, ref_dir)
+    run = tmp_path / "interrupted"
     with pytest.raises(loop.TrainingInterrupted, match="Rerun the same command") as e:
-        loop.train(config, tmp_path, stop_after_steps=2)  # epoch 1, step 2 of 3
+        loop.train(config, run, stop_after_steps=2)  # epoch 1, step 2 of 3
     assert (e.value.epoch, e.value.step_in_epoch) == (0, 2)
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
-    assert not (tmp_path / "summary.json").exists()
+    assert Checkpointer(run / "checkpoints").all_steps() == [2]
+    assert not (run / "summary.json").exists()
     with pytest.raises(loop.TrainingInterrupted) as e:
-        loop.train(config, tmp_path, stop_after_steps=3)  # the end of epoch 1 (evaluated, then saved)
+        loop.train(config, run, stop_after_steps=3)  # the end of epoch 1 (evaluated, then saved)
     assert (e.value.epoch, e.value.step_in_epoch) == (1, 0)
-    s = loop.train(config, tmp_path)
+    s = loop.train(config, run)
+
+    # the whole state, read back from the checkpoints into a fresh state's shapes (as loop.train does)
+    like = loop.build(config, run_config.validate(config), N_CLASSES).initial_state
+    states = {}
+    with Checkpointer(run / "checkpoints") as ck_a, Checkpointer(ref_dir / "checkpoints") as ck_b:
+        assert ck_a.all_steps() == ck_b.all_steps() == [3, 6, 9]
+        for step, after in ((3, "the mid-epoch resume at step 2"), (6, "the epoch-end resume at step 3"), (9, "the end")):
+            (a, meta_a), (b, meta_b) = ck_a.restore(like, step), ck_b.restore(like, step)
+            _assert_same_state(a, b, f"checkpoint {step} (after {after})")
+            for m in (meta_a, meta_b):
+                m.pop("wall_time")
+            assert meta_a == meta_b, step
+            states[step] = jax.device_get(b)
+    # The comparison has teeth: the state holds every part, and θ, momentum, φ and Adam all moved
+    # between the checkpoints (a part that stayed put after a resume would be compared vacuously).
+    st = states[9]
+    assert int(st.step) == 9 and st.params["branch"] and st.meta_params and st.batch_stats
+    count = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(st.meta_opt_state) if "count" in str(path)]
+    assert count and all(int(c) == 9 for c in count)  # one φ step per iteration
+    for earlier, later in ((3, 6), (6, 9)):
+        u, v = states[earlier], states[later]
+        for part, get in (
+            ("θ", lambda t: t.params),
+            ("momentum", lambda t: bilevel.momentum_buffers(t.opt_state)),
+            ("φ", lambda t: t.meta_params),
+            ("Adam", lambda t: t.meta_opt_state),
+        ):
+            if part == "θ" and later == 9:
+                continue  # the last epoch's learning rate is 0: θ stays put, its momentum still moves
+            moved = jax.tree.leaves(jax.tree.map(lambda p, q: not np.array_equal(p, q), get(u), get(v)))
+            assert any(moved), (part, earlier, later)
+    buf = bilevel.momentum_buffers(st.opt_state)
+    assert all(np.any(leaf != 0) for leaf in jax.tree.leaves(buf))
+    # and the records and outputs
     assert _comparable({**s, "final_weights": 0, "best_weights": 0, "final_transfer": 0}) == _comparable(
         {**ref, "final_weights": 0, "best_weights": 0, "final_transfer": 0}
     )
-    assert (tmp_path / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
-    a = weights.load_variables(tmp_path / "final_weights.msgpack")
-    b = weights.load_variables(ref_dir / "final_weights.msgpack")
-    same = jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), a, b)
-    assert all(jax.tree.leaves(same))
-    # the whole state (branch, φ, momentum, Adam) as well
-    ck_a, ck_b = Checkpointer(tmp_path / "checkpoints"), Checkpointer(ref_dir / "checkpoints")
-    assert ck_a.latest_step() == ck_b.latest_step() == 6
-    meta_a, meta_b = ck_a.restore_meta(), ck_b.restore_meta()
-    for m in (meta_a, meta_b):
-        m.pop("wall_time")
-    assert meta_a == meta_b
-    ck_a.close()
-    ck_b.close()
+    assert (run / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
+    for name in ("final_weights.msgpack", "final_transfer.msgpack"):
+        a, b = weights.load_variables(run / name), weights.load_variables(ref_dir / name)
+        assert jax.tree.structure(a) == jax.tree.structure(b), name
+        assert all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), a, b))), name
     # a finished run rerun just rewrites its outputs
-    assert _comparable(loop.train(config, tmp_path))["best_val_acc"] == ref["best_val_acc"]
+    assert _comparable(loop.train(config, run))["best_val_acc"] == ref["best_val_acc"]
 
 
 def test_sigint_in_process_saves_mid_epoch(npz_path, tmp_path):
@@ -328,6 +376,53 @@ def test_target_weights_initialise_the_target(source_weights, tmp_path):
         np.testing.assert_array_equal(got["conv0"]["kernel"], src["params"]["conv0"]["kernel"])
         assert np.array_equal(got["fc"]["kernel"], src["params"]["fc"]["kernel"]) == same_fc
         assert got["fc"]["kernel"].shape[1] == n
+
+
+# --------------------------------------------------------------------------- the shared reference data
+
+
+def test_shared_checksums_cover_the_reference_data():
+    files = conftest.shared_manifest()
+    for rel in ("reference/tinyimagenet-resnet32.pth.tar", "data/cifar10-jpeg.tar",
+                "reference/cases/stl10_vgg9/expected.npz", "reference/trajectories/resnet32_resnet32/expected.pth"):
+        assert rel in files, rel
+    assert all(len(v["sha256"]) == 64 and v["size"] > 0 for v in files.values())
+
+
+@pytest.mark.parametrize("ci", ["", "false", "true"])
+def test_missing_or_stale_shared_data_skips_or_under_ci_fails(ci, tmp_path, monkeypatch):
+    """require_shared: present and unchanged -> the path; missing or stale -> a skip naming the file,
+    a failure under CI=true; a path without a recorded checksum -> a failure."""
+    import hashlib
+
+    root = tmp_path / "shared"
+    contents = {"reference/w.pth": b"weights", "reference/case/a.npz": b"a", "reference/case/b.npz": b"bb",
+                "reference/same_size.npz": b"original", "reference/gone.pth": b"x"}
+    manifest = {k: {"size": len(v), "sha256": hashlib.sha256(v).hexdigest()} for k, v in contents.items()}
+    for k, v in contents.items():
+        (root / k).parent.mkdir(parents=True, exist_ok=True)
+        (root / k).write_bytes(v)
+    (root / "reference/gone.pth").unlink()
+    (root / "reference/same_size.npz").write_bytes(b"0riginal")  # same size, other bytes: only sha256 sees it
+    (root / "reference/case/b.npz").write_bytes(b"b")  # another size
+    monkeypatch.setenv("L2T_SHARED", str(root))
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(conftest, "shared_manifest", lambda: manifest)
+
+    assert conftest.require_shared("reference/w.pth") == root / "reference/w.pth"
+    assert conftest.require_shared("reference/case/a.npz") == root / "reference/case/a.npz"
+    outcome = pytest.fail.Exception if ci == "true" else pytest.skip.Exception
+    for rel, pattern in (
+        ("reference/gone.pth", r"not found: \S*reference/gone.pth"),
+        ("reference/same_size.npz", r"stale .*same_size.npz: sha256 [0-9a-f]{16}\.\.\., recorded"),
+        ("reference/case", r"stale .*case/b.npz: 1 bytes, recorded 2"),  # a folder: every recorded file in it
+        ("reference", r"not found: \S*gone.pth"),
+    ):
+        with pytest.raises(outcome, match=pattern) as e:
+            conftest.require_shared(rel)
+        assert ("CI=true" in str(e.value)) == (ci == "true")
+    with pytest.raises(pytest.fail.Exception, match=r"'reference/new.pth' has no checksum in shared_checksums.json"):
+        conftest.require_shared("reference/new.pth")
 
 
 # --------------------------------------------------------------------------- errors before training

@@ -28,8 +28,7 @@ def get_config():
     c.target_model = "vgg_tiny"
     c.source_model = "vgg_tiny"
     c.source_weights = ""  # --config.source_weights=runs/qs/source/best_weights.msgpack
-    c.method = "l2t_ww"
-    c.pairs = "all_to_all"
+    c.method = "l2t_ww"  # pairs: the method's own (all_to_all; fm_one_to_one's one_to_one, ...)
     c.at_pairs = "one_to_one"
     c.epochs = 40
     c.batch_size = 10
