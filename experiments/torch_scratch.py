@@ -451,28 +451,12 @@ def _command_line() -> str:
     return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
 
 
-def _config_file_problem(argv: list[str]) -> Optional[str]:
-    """One line naming a `--config=FILE` that does not exist (else None); `FILE:ARG` is accepted."""
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith("--config="):
-            value = a.split("=", 1)[1]
-        else:
-            continue
-        if not Path(value.split(":", 1)[0]).expanduser().is_file():
-            return f"config file not found: {value}"
-    return None
-
-
 def cli() -> None:
     """`python -m experiments.torch_scratch --config=FILE [--config.KEY=VALUE ...] --workdir=DIR [--threads=1]`."""
-    problem = _config_file_problem(sys.argv[1:])
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
     from absl import app, flags
     from ml_collections import config_flags
+
+    from l2t_jax.cli import run_absl
 
     config_flag = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/configs/*.py)")
     workdir_flag = flags.DEFINE_string("workdir", None, "run directory (metrics, checkpoint, summary, weights)")
@@ -482,11 +466,8 @@ def cli() -> None:
                                   "initial weights: the reference's init seeded by config.seed (torch), or the "
                                   "JAX run's initial weights (jax)")
     flags.mark_flags_as_required(["config", "workdir"])
-    started = False
 
     def main(argv: list[str]) -> int:
-        nonlocal started
-        started = True
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         try:
@@ -504,19 +485,7 @@ def cli() -> None:
             return 130
         return 0
 
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as e:
-        if started:
-            raise
-        # config_flags raises AttributeError("'KEY'...") for an unknown --config.KEY while parsing.
-        inner = e
-        while isinstance(inner, BaseException) and inner.args:
-            inner = inner.args[0]
-        key = str(inner).split("\n")[0].strip("\"'")
-        print(f"error: unknown config key {key!r} in a --config.KEY override (the keys are listed in "
-              f"l2t_jax/run_config.py)", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_absl(main))  # config file / key errors: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import numpy as np
 
 from l2t_jax import transfer
 from l2t_jax.io.torch_pickle import CheckpointReadError, UnsafeCheckpointError, WeightImportError, read_torch_file
+from l2t_jax.io.torch_pickle import map_containers
 from l2t_jax.io.torch_pickle import torch_to_numpy as _torch_to_numpy
 
 __all__ = [
@@ -885,17 +886,7 @@ def load_reference_run(
 def _to_torch_tree(obj: Any) -> Any:
     import torch
 
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.array(obj))
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, _to_torch_tree(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: _to_torch_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_torch_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_torch_tree(v) for v in obj)
-    return obj
+    return map_containers(lambda a: torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a, obj)
 
 
 def save_reference_run(path: str | os.PathLike, run: ReferenceRun) -> None:

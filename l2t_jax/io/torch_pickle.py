@@ -610,6 +610,23 @@ def _tensor_to_numpy(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+def map_containers(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """`obj` with `fn` applied to every value inside its dicts, OrderedDicts, lists and tuples.
+
+    The containers are rebuilt with their own types (OrderedDict stays OrderedDict);
+    anything else is a leaf.
+    """
+    if isinstance(obj, collections.OrderedDict):
+        return collections.OrderedDict((k, map_containers(fn, v)) for k, v in obj.items())
+    if isinstance(obj, dict):
+        return {k: map_containers(fn, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_containers(fn, v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_containers(fn, v) for v in obj)
+    return fn(obj)
+
+
 def torch_to_numpy(obj: Any) -> Any:
     """`obj` with every torch tensor replaced by a numpy array (containers rebuilt, other leaves kept).
 
@@ -620,17 +637,12 @@ def torch_to_numpy(obj: Any) -> Any:
     Returns:
       The same structure with numpy arrays (sharing memory with the tensors).
     """
-    if type(obj).__module__.startswith("torch"):
-        import torch
+    def leaf(x: Any) -> Any:
+        if type(x).__module__.startswith("torch"):
+            import torch
 
-        if isinstance(obj, torch.Tensor):
-            return _tensor_to_numpy(obj)
-    if isinstance(obj, collections.OrderedDict):
-        return collections.OrderedDict((k, torch_to_numpy(v)) for k, v in obj.items())
-    if isinstance(obj, dict):
-        return {k: torch_to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [torch_to_numpy(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(torch_to_numpy(v) for v in obj)
-    return obj
+            if isinstance(x, torch.Tensor):
+                return _tensor_to_numpy(x)
+        return x
+
+    return map_containers(leaf, obj)
