@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Copies every finished cell of the study (a summary.json under runs/c10 or runs/c10_calib)
+# into results/cifar10_limited/runs/..., with its metrics.jsonl and config.json; prints
+# the cells still running or not started (from each sweep.json). Commit the result.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for root in runs/c10 runs/c10_l2tww runs/c10_calib runs/c10_calib_b runs/c10_torch; do
+  [ -d "$root" ] || continue
+  dest="results/cifar10_limited/runs/$(basename "$root")"
+  find "$root" -name summary.json | while read -r s; do
+    cell=$(dirname "${s#$root/}")
+    mkdir -p "$dest/$cell"
+    for f in summary.json metrics.jsonl config.json; do
+      if [ -f "$root/$cell/$f" ]; then cp "$root/$cell/$f" "$dest/$cell/$f"; fi
+    done
+  done
+  if [ -f "$root/sweep.json" ]; then mkdir -p "$dest" && cp "$root/sweep.json" "$dest/sweep.json"; fi
+done
+# STATUS.md: every cell of the study, finished or not, from the work directories.
+python - <<'PY'
+import glob, json, os
+rows = []
+grid = [("runs/c10", m, s) for m in ("scratch", "fm_one_to_one", "lwf_at", "lwf", "at") for s in (0, 1, 2)]
+grid += [("runs/c10_l2tww", "l2t_ww", s) for s in (0, 1, 2)]
+def last_epoch(d):
+    p = os.path.join(d, "metrics.jsonl")
+    if not os.path.exists(p):
+        return None
+    eps = [json.loads(l) for l in open(p) if '"kind": "epoch"' in l]
+    return eps[-1]["epoch"] if eps else 0
+out = ["# Study status (written by sync.sh)", "",
+       "N = 25, test accuracy (%) at the best validation epoch; wall time with other jobs on the 2 cores.", "",
+       "| method | seed | status | best val (epoch) | test at best val | last test | wall time |", "|---|---|---|---|---|---|---|"]
+for root, m, s in grid:
+    d = f"{root}/method={m}/n_per_class=25/seed={s}"
+    if os.path.exists(f"{d}/summary.json"):
+        j = json.load(open(f"{d}/summary.json"))
+        out.append(f"| {m} | {s} | finished | {j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} "
+                   f"| {j['last_test_acc']:.2f} | {j['wall_time_s'] / 60:.0f} min |")
+    else:
+        e = last_epoch(d)
+        out.append(f"| {m} | {s} | {'not started' if e is None else f'running or interrupted: epoch {e}/200'} | | | | |")
+out += ["", "## Scratch: this library vs the authors' VGG9-bn in PyTorch (same splits and batches)", "",
+        "| seed | JAX test at best val (best val) | PyTorch test at best val (best val) | JAX last test | PyTorch last test |",
+        "|---|---|---|---|---|"]
+for s in (0, 1, 2):
+    a, b = f"runs/c10/method=scratch/n_per_class=25/seed={s}/summary.json", f"runs/c10_torch/seed={s}/summary.json"
+    if os.path.exists(a) and os.path.exists(b):
+        ja, jb = json.load(open(a)), json.load(open(b))
+        out.append(f"| {s} | {ja['test_acc_at_best_val']:.2f} ({ja['best_val_acc']:.1f}) | {jb['test_acc_at_best_val']:.2f} "
+                   f"({jb['best_val_acc']:.1f}) | {ja['last_test_acc']:.2f} | {jb['last_test_acc']:.2f} |")
+    else:
+        out.append(f"| {s} | {'finished' if os.path.exists(a) else 'pending'} | {'finished' if os.path.exists(b) else 'pending'} | | |")
+open("results/cifar10_limited/STATUS.md", "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
