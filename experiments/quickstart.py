@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import ml_collections
@@ -98,9 +97,14 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    """Writes `text` unless the file already holds exactly it (a finished rerun changes nothing)."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def run_quickstart(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the whole comparison; returns {"source": summary, "targets": {method: summary}, "table": str}."""
-    t0 = time.time()
     workdir = Path(workdir).expanduser().resolve()
     runs = sub_runs(config, workdir)
     log.info("quickstart: source run")
@@ -118,7 +122,8 @@ def run_quickstart(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for m, s in targets.items()
     ]
     table = results_table(rows)
-    total = time.time() - t0
+    # the runs' own wall times (not this call's): a rerun of a finished quickstart writes the same files
+    total = sum(float(s["wall_time_s"]) for s in (source, *targets.values()))
     n_train = config.target.n_per_class or "all"
     header = (
         f"Source {config.source.target_model} on {config.source.dataset} classes {config.source.classes}: "
@@ -128,10 +133,9 @@ def run_quickstart(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"(accuracies in %):\n"
     )
     text = header + "\n" + table + f"\n\nTotal wall time {total:.0f} s.\n"
-    (workdir / "results.md").write_text(text)
-    (workdir / "results.json").write_text(
-        json.dumps({"source": {k: v for k, v in source.items() if k != "history"}, "targets": rows,
-                    "total_wall_time_s": total}, indent=2) + "\n"
-    )
+    _write_if_changed(workdir / "results.md", text)
+    _write_if_changed(workdir / "results.json", json.dumps(
+        {"source": {k: v for k, v in source.items() if k != "history"}, "targets": rows,
+         "total_wall_time_s": total}, indent=2, sort_keys=True) + "\n")
     print("\n" + text, flush=True)
     return {"source": source, "targets": targets, "table": table}

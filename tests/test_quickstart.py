@@ -31,3 +31,10 @@ def test_quickstart_cli_runs_offline_and_prints_the_table(tmp_path):
     assert fm["config"]["n_per_class"] == 10 and fm["config"]["classes"] == "5-9"
     src = json.loads((qs / "source" / "summary.json").read_text())
     assert src["method"] == "scratch" and src["config"]["classes"] == "0-4"
+
+    # rerunning the finished quickstart changes no file (contents and modification times)
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in qs.rglob("*") if f.is_file()}
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    after = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in qs.rglob("*") if f.is_file()}
+    assert after == before, sorted(str(f) for f in set(before) ^ set(after) | {f for f in before if before[f] != after.get(f)})
