@@ -4,13 +4,15 @@
 # from their newest checkpoint. Work directories live under runs/ (not committed);
 # `sync.sh` copies each finished cell's summary.json and metrics.jsonl here.
 #
-#   bash results/cifar10_limited/study.sh calib    # step 0: scratch's learning rate at N = 25
-#   bash results/cifar10_limited/study.sh n25        # the 15 baseline runs at N = 25
-#   bash results/cifar10_limited/study.sh n25_l2tww  # the 3 L2T-ww runs at N = 25 (may run beside n25)
+#   bash results/cifar10_limited/study.sh calib          # step 0: scratch's learning rate at N = 25
+#   bash results/cifar10_limited/study.sh n25            # scratch, FM 1-1, LwF+AT, LwF at N = 25 (12 runs)
+#   bash results/cifar10_limited/study.sh n25_at         # AT at N = 25 (3 runs; may run beside n25)
+#   bash results/cifar10_limited/study.sh n25_l2tww      # L2T-ww at N = 25 (3 runs; may run beside n25)
 #   bash results/cifar10_limited/study.sh torch_scratch  # scratch in PyTorch (the protocol check)
-#   bash results/cifar10_limited/study.sh n50      # N = 50: scratch, FM 1-1, LwF+AT, L2T-ww first
+#   bash results/cifar10_limited/study.sh n50            # N = 50: scratch, FM 1-1, LwF+AT, L2T-ww first
 #
-# Runs under `nice`, on one process at a time (2-core CPU).
+# Each command is one sweep under `nice`, one run at a time; on the 2-core CPU at most two
+# sweeps should run side by side.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -d .venv ] && . .venv/bin/activate
@@ -22,9 +24,12 @@ case "${1:-n25}" in
   calib)
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10_calib \
       --grid lr=0.1,0.03,0.01,0.003 --config.n_per_class=25 --config.method=scratch --config.seed=0 ;;
-  n25)  # the baselines (about 15-30 min a run on the 2-core CPU)
+  n25)  # the baselines but AT (about 15-30 min a run on the 2-core CPU)
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10 --grid n_per_class=25 \
-      --grid "method=scratch,fm_one_to_one,lwf_at,lwf,at" --grid seed=0,1,2 ;;
+      --grid "method=scratch,fm_one_to_one,lwf_at,lwf" --grid seed=0,1,2 ;;
+  n25_at)  # AT at N = 25 in its own root, to use a free core beside `n25` (which skips finished cells)
+    exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10_b --grid n_per_class=25 \
+      --grid "method=at" --grid seed=0,1,2 ;;
   n25_l2tww)  # L2T-ww (about 2 h a run): its own root, so it can run beside `n25`
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10_l2tww --grid n_per_class=25 \
       --grid "method=l2t_ww" --grid seed=0,1,2 ;;
@@ -38,5 +43,5 @@ case "${1:-n25}" in
       --grid "method=scratch,fm_one_to_one,lwf_at,l2t_ww" --grid seed=0,1,2
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10 --grid n_per_class=50 \
       --grid "method=lwf,at" --grid seed=0,1,2 ;;
-  *) echo "usage: $0 calib|n25|n25_l2tww|torch_scratch|n50" >&2; exit 2 ;;
+  *) echo "usage: $0 calib|n25|n25_at|n25_l2tww|torch_scratch|n50" >&2; exit 2 ;;
 esac

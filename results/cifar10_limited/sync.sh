@@ -4,7 +4,7 @@
 # the cells still running or not started (from each sweep.json). Commit the result.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for root in runs/c10 runs/c10_l2tww runs/c10_calib runs/c10_calib_b runs/c10_torch; do
+for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_calib runs/c10_calib_b runs/c10_torch; do
   [ -d "$root" ] || continue
   dest="results/cifar10_limited/runs/$(basename "$root")"
   find "$root" -name summary.json | while read -r s; do
@@ -20,8 +20,8 @@ done
 python - <<'PY'
 import glob, json, os
 rows = []
-grid = [("runs/c10", m, s) for m in ("scratch", "fm_one_to_one", "lwf_at", "lwf", "at") for s in (0, 1, 2)]
-grid += [("runs/c10_l2tww", "l2t_ww", s) for s in (0, 1, 2)]
+grid = [(m, s) for m in ("scratch", "fm_one_to_one", "lwf_at", "lwf", "at", "l2t_ww") for s in (0, 1, 2)]
+ROOTS = ("runs/c10", "runs/c10_b", "runs/c10_l2tww")  # a cell may have run in any of the sweep roots
 def last_epoch(d):
     p = os.path.join(d, "metrics.jsonl")
     if not os.path.exists(p):
@@ -31,8 +31,10 @@ def last_epoch(d):
 out = ["# Study status (written by sync.sh)", "",
        "N = 25, test accuracy (%) at the best validation epoch; wall time with other jobs on the 2 cores.", "",
        "| method | seed | status | best val (epoch) | test at best val | last test | wall time |", "|---|---|---|---|---|---|---|"]
-for root, m, s in grid:
-    d = f"{root}/method={m}/n_per_class=25/seed={s}"
+for m, s in grid:
+    cands = [f"{r}/method={m}/n_per_class=25/seed={s}" for r in ROOTS]
+    d = next((c for c in cands if os.path.exists(f"{c}/summary.json")), None) or \
+        next((c for c in cands if os.path.exists(c)), cands[0])
     if os.path.exists(f"{d}/summary.json"):
         j = json.load(open(f"{d}/summary.json"))
         out.append(f"| {m} | {s} | finished | {j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} "
@@ -44,7 +46,7 @@ out += ["", "## Scratch: this library vs the authors' VGG9-bn in PyTorch (same s
         "| seed | JAX test at best val (best val) | PyTorch test at best val (best val) | JAX last test | PyTorch last test |",
         "|---|---|---|---|---|"]
 for s in (0, 1, 2):
-    a, b = f"runs/c10/method=scratch/n_per_class=25/seed={s}/summary.json", f"runs/c10_torch/seed={s}/summary.json"
+    a, b = f"runs/c10/method=scratch/n_per_class=25/seed={s}/summary.json", f"runs/c10_torch/seed={s}/summary.json"  # scratch: root runs/c10
     if os.path.exists(a) and os.path.exists(b):
         ja, jb = json.load(open(a)), json.load(open(b))
         out.append(f"| {s} | {ja['test_acc_at_best_val']:.2f} ({ja['best_val_acc']:.1f}) | {jb['test_acc_at_best_val']:.2f} "
