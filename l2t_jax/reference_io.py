@@ -24,7 +24,7 @@ function: they are left out (their names are listed as `unused`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -232,8 +232,3 @@ def compare_groups(
 def natural_key(name: str) -> list:
     """Sort key that orders `w.10` after `w.9`."""
     return [int(t) if t.isdigit() else t for t in name.split(".")]
-
-
-def unused_names(expected: Mapping[str, Any], unused: Optional[Sequence[str]]) -> list[str]:
-    """The entries of `unused` that `expected` holds (for the report)."""
-    return [k for k in (unused or ()) if k in expected]
