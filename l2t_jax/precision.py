@@ -133,7 +133,7 @@ def meta_gradient_precision(config, batches: int = 4, workdir: Optional[str] = N
             break
         rows = compare_gradients(at(jnp.float32, x, y), at(jnp.float64, x, y))
         out["batches"].append({"batch": k, "rows": rows})
-    it.close() if hasattr(it, "close") else None
+    it.close()  # stop the batch generator's prefetching
     worst = {}
     for b in out["batches"]:
         for r in b["rows"]:

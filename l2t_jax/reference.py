@@ -324,7 +324,7 @@ def compare(result: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
         raise KeyError(f"parameter names differ: only expected {sorted(exp_names - ours_names)}, "
                        f"only computed {sorted(ours_names - exp_names)}")
     rows, num, den = [], 0.0, 0.0
-    for name in sorted(exp_names, key=_natural_key):
+    for name in sorted(exp_names, key=reference_io.natural_key):
         ref = np.asarray(expected[name + suffix], np.float64)
         ours = np.asarray(result[name], np.float64)
         if ref.shape != ours.shape:
@@ -349,8 +349,6 @@ def reference_float32_error(expected: Mapping[str, np.ndarray]) -> Optional[floa
         return None
     return compare({k: expected[k + "@f32"] for k in names}, expected).total_rel_l2
 
-
-_natural_key = reference_io.natural_key
 
 # A trajectory's expected state is the reference's float64 run: float64 must match it to
 # 1e-9 per group. float32 has no bar by default (the reference recorded no float32
