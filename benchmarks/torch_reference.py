@@ -10,7 +10,7 @@ l2t_jax, runs both (float64, CPU) side by side and checks that meta-gradients, �
 the timing comparison is between two programs computing the same iteration.
 
 Written from the reference's algorithm (alinlab/L2T-ww `train_l2t_ww.py` and
-`train/meta_optimizers.py`; SPEC.md "One training iteration"), not copied:
+`train/meta_optimizers.py`; the order of `l2t_jax.bilevel`'s docstring), not copied:
 
 1. real step: `torch.optim.SGD` (lr 0.1, momentum 0.9, wd 1e-4) on CE + L_wfm;
 2. look-ahead: T SGD steps on L_wfm, one on CE, each after a snapshot of
@@ -306,8 +306,9 @@ class TorchL2T:
 def crosscheck(setting_name: str, batch: int, T: int, iters: int, pairs_spec=None, tol: float = 1e-9) -> dict:
     """Runs this twin and `l2t_jax.bilevel.train_step` from the same state in float64, side by side.
 
-    The twin's weights, branch and φ are imported into l2t_jax (`weights.variables_from_torch`
-    and the layouts of the branch and the meta-networks); after each of `iters` iterations the
+    The twin's weights, branch and φ are imported into l2t_jax
+    (`l2t_jax.io.torch_layout.variables_from_torch` and the layouts of the branch and
+    the meta-networks); after each of `iters` iterations the
     meta-gradient norms are compared, and at the end φ and θ. A benchmark of two programs
     that compute the same iteration.
     """
@@ -316,7 +317,8 @@ def crosscheck(setting_name: str, batch: int, T: int, iters: int, pairs_spec=Non
     import jax.numpy as jnp
 
     jax.config.update("jax_enable_x64", True)
-    from l2t_jax import bilevel, transfer, weights
+    from l2t_jax import bilevel, transfer
+    from l2t_jax.io.torch_layout import variables_from_torch, variables_to_torch
     from l2t_jax.models import get_model, model_info
 
     torch.set_default_dtype(torch.float64)
@@ -332,8 +334,8 @@ def crosscheck(setting_name: str, batch: int, T: int, iters: int, pairs_spec=Non
         return jax.tree.map(lambda a: jnp.asarray(a, jnp.float64) if np.issubdtype(np.asarray(a).dtype, np.floating)
                             else jnp.asarray(a), tree)
 
-    tv = f64(weights.variables_from_torch(s.target, tb.student.model.state_dict(), s.target_classes))
-    sv = f64(weights.variables_from_torch(s.source, tb.source.state_dict(), s.source_classes))
+    tv = f64(variables_from_torch(s.target, tb.student.model.state_dict(), s.target_classes))
+    sv = f64(variables_from_torch(s.source, tb.source.state_dict(), s.source_classes))
     branch = [{"kernel": jnp.asarray(arr(c.weight)[:, :, 0, 0].T), "bias": jnp.asarray(arr(c.bias))}
               for c in tb.student.branch]
     meta = {k: [{"kernel": jnp.asarray(arr(lin.weight).T), "bias": jnp.asarray(arr(lin.bias))} for lin in mods]
@@ -370,7 +372,7 @@ def crosscheck(setting_name: str, batch: int, T: int, iters: int, pairs_spec=Non
         return max(float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)) for a, b in pairs_)
 
     jax_phi = [np.asarray(lin["kernel"]) for k in ("w", "lw") for lin in state.meta_params[k]]
-    jax_theta = weights.variables_to_torch(s.target, {"params": state.params["model"], "batch_stats": state.batch_stats})
+    jax_theta = variables_to_torch(s.target, {"params": state.params["model"], "batch_stats": state.batch_stats})
     out = {"benchmark": "torch_reference_crosscheck", "setting": setting_name, "batch": batch, "T": T, "iters": iters,
            "dtype": "float64", "tolerance": tol}
     worst = 0.0

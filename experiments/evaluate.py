@@ -35,10 +35,10 @@ from typing import Sequence
 
 import numpy as np
 
+from l2t_jax import data as data_lib
+
 log = logging.getLogger("evaluate")
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class EvaluationError(Exception):
@@ -56,8 +56,7 @@ def normalise(images: np.ndarray) -> np.ndarray:
     Returns:
       float32 (B, H, W, 3).
     """
-    x = images.astype(np.float32) / np.float32(255.0)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return data_lib.normalize(images)  # the training pipeline's normalisation, the same float32 operations
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:
@@ -146,6 +145,7 @@ def evaluate(
     """
     import jax
 
+    from l2t_jax.evaluation import evaluate_batches
     from l2t_jax.models import get_model, model_info
     from l2t_jax.models.layers import CONV_IMPLS
     from l2t_jax.weights import CheckpointReadError, WeightImportError, load_weights
@@ -180,7 +180,7 @@ def evaluate(
         x = resize_images(x, resize)
 
     model = get_model(model_name, found, conv_impl=conv_impl)
-    apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False)[0])
+    apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False)[0])  # only traced, for the shape check
     h, w = x.shape[1:3]
     if batch_size is None:
         batch_size = 256 if max(h, w) <= 64 else 32
@@ -193,17 +193,11 @@ def evaluate(
         hint = f" (use --resize={model_info(model_name).image_size} to resize them)" if (h, w) != (model_info(model_name).image_size,) * 2 else ""
         raise EvaluationError(f"{model_name} cannot take {h}x{w} images: {e}{hint}") from None
 
-    correct = 0
     start = time.time()
-    for i in range(0, len(x), batch_size):
-        xb = normalise(x[i : i + batch_size])
-        n = xb.shape[0]
-        if n < batch_size:  # pad the last batch: one compiled shape; eval-mode BN is per sample
-            xb = np.concatenate([xb, np.zeros((batch_size - n,) + xb.shape[1:], xb.dtype)])
-        pred = np.asarray(jax.device_get(apply(variables, xb)))[:n].argmax(axis=1)
-        correct += int((pred == y[i : i + n]).sum())
+    batches = ((normalise(x[i : i + batch_size]), y[i : i + batch_size]) for i in range(0, len(x), batch_size))
+    result = evaluate_batches(model, variables, batches, batch_size)  # the training loop's evaluation step
     log.info("evaluated %d images in %.1fs", len(x), time.time() - start)
-    return {"top1": 100.0 * correct / len(x), "n": int(len(x))}
+    return {"top1": 100.0 * result["correct"] / len(x), "n": int(len(x))}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,9 +39,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import table as table_lib
+from l2t_jax import data as data_lib
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.asarray(data_lib.IMAGENET_MEAN, np.float32)  # the data pipeline's constants, as float32 arrays
+IMAGENET_STD = np.asarray(data_lib.IMAGENET_STD, np.float32)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -59,15 +60,10 @@ def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def parse_pairs(spec: str | Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """'m-n,m-n' (summary["pairs"]) or a sequence of (m, n) -> list of (m, n)."""
-    if not isinstance(spec, str):
-        return [(int(m), int(n)) for m, n in spec]
-    out = []
-    for item in spec.replace(" ", "").split(","):
-        if item:
-            m, _, n = item.partition("-")
-            out.append((int(m), int(n)))
-    return out
+    """'m-n,m-n' (summary["pairs"]) or a sequence of (m, n) -> list of (m, n) (`transfer.parse_pairs`, validated)."""
+    from l2t_jax.transfer import parse_pairs as parse
+
+    return list(parse(spec))
 
 
 # --------------------------------------------------------------------------- run folders
@@ -112,7 +108,7 @@ def run_pairs(run: str | Path) -> list[tuple[int, int]]:
         return parse_pairs(read_json(run / "summary.json")["pairs"])
     from l2t_jax import run_config
 
-    return list(run_config.resolve_pairs(load_config(run)))
+    return list(run_config.resolve(load_config(run)).pairs)
 
 
 # --------------------------------------------------------------------------- λ heatmap (Fig. 3d)
@@ -243,12 +239,12 @@ def per_sample_lambdas(run: str | Path, *, max_images: Optional[int] = None,
 
     run = Path(run)
     config = load_config(run)
-    pairs = run_config.validate(config)
+    spec = run_config.resolve(config)
     path = run / "final_transfer.msgpack"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run has not finished (or predates final_transfer.msgpack)")
-    data = loop.load_run_data(config)
-    setup = loop.build(config, pairs, data.num_classes)
+    data = loop.load_run_data(spec.data)
+    setup = loop.build(spec, data.num_classes)
     matching = setup.bilevel_config.matching
     meta = jax.tree.map(jnp.asarray, weights.load_variables(path)["meta_params"])
     if not matching.has_meta_params or not meta.get("lw"):
@@ -267,15 +263,16 @@ def per_sample_lambdas(run: str | Path, *, max_images: Optional[int] = None,
         _, lam = transfer.meta_outputs(meta, transfer.pool(feats), matching)
         return jnp.stack(lam, axis=-1)
 
-    bs = min(batch_size or config.eval_batch_size, len(ds))
+    bs = min(batch_size or spec.schedule.eval_batch_size, len(ds))
     out = []
-    for x, y in data_lib.batch_iterator(ds, bs, train=False, image_size=config.image_size, seed=config.seed, epoch=0,
-                                        num_workers=max(config.num_workers, 1), resize_to=config.resize_to or None):
+    d = spec.data
+    for x, y in data_lib.batch_iterator(ds, bs, train=False, image_size=d.image_size, seed=spec.seed, epoch=0,
+                                        num_workers=max(d.num_workers, 1), resize_to=d.resize_to or None):
         n = len(y)
         if n < bs:  # one shape, one compilation
             x = np.concatenate([x, np.zeros((bs - n,) + x.shape[1:], x.dtype)])
         out.append(np.asarray(lambdas(src_vars, meta, x))[:n])
-    return list(pairs), np.concatenate(out).astype(np.float64)
+    return list(spec.pairs), np.concatenate(out).astype(np.float64)
 
 
 def select_pairs(lam: np.ndarray, max_pairs: int = 6) -> list[int]:
@@ -400,7 +397,7 @@ def saliency_from_runs(runs: Sequence[str | Path], *, n_images: int = 4, seed: i
     All runs must share their data (dataset, classes, image size). Returns {"images" (B, H, W, 3)
     in [0, 1], "labels" [str], "indices", "maps": {label: (B, H, W)}}.
     """
-    from l2t_jax import data as data_lib, loop, weights
+    from l2t_jax import data as data_lib, loop, run_config, weights
     from l2t_jax.models import get_model
 
     runs = [Path(r) for r in runs]
@@ -410,17 +407,17 @@ def saliency_from_runs(runs: Sequence[str | Path], *, n_images: int = 4, seed: i
         diff = [k for k in data_keys if c[k] != configs[0][k]]
         if diff:
             raise ValueError(f"{r} and {runs[0]} differ in their data ({', '.join(diff)})")
-    config = configs[0]
-    data = loop.load_run_data(config)
+    data_spec = run_config.resolve_data(configs[0])
+    data = loop.load_run_data(data_spec)
     ds = data.test if data.test is not None else data.val
     if ds is None:
         raise ValueError("the run's data have neither a test nor a validation split")
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(ds), size=min(n_images, len(ds)), replace=False))
     sub = ds.subset(idx)
-    x, y = next(iter(data_lib.batch_iterator(sub, len(sub), train=False, image_size=config.image_size,
-                                             seed=config.seed, epoch=0, num_workers=1,
-                                             resize_to=config.resize_to or None)))
+    x, y = next(iter(data_lib.batch_iterator(sub, len(sub), train=False, image_size=data_spec.image_size,
+                                             seed=data_spec.seed, epoch=0, num_workers=1,
+                                             resize_to=data_spec.resize_to or None)))
     maps: dict[str, np.ndarray] = {}
     for r, c in zip(runs, configs):
         path = r / weights_file

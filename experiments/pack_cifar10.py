@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from l2t_jax.io.atomic import write_atomic
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -80,16 +82,12 @@ def pack(tar_path: str | Path, out: str | Path, pool_per_class: int = 500, seed:
             test = index["test"].get(cls, [])
             arrays["x_test"] += [_decode(tar, m) for m in test]
             arrays["y_test"] += [label] * len(test)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(
-        tmp,
+    packed = dict(
         x=np.stack(arrays["x"]), y=np.asarray(arrays["y"], np.int64),
         x_test=np.stack(arrays["x_test"]), y_test=np.asarray(arrays["y_test"], np.int64),
         class_names=np.asarray(classes),
     )
-    tmp.replace(out)
+    write_atomic(out, lambda f: np.savez_compressed(f, **packed))
     return {"train": len(arrays["y"]), "test": len(arrays["y_test"])}
 
 

@@ -9,9 +9,10 @@ Driven by `experiments/configs/quickstart.py` through `experiments.run`:
    fm_one_to_one, needs no entry);
 3. print and write (`results.md`, `results.json`) a side-by-side table of accuracies.
 
-Every sub-run's config is validated before any of them trains: a mistake that only
-concerns the last run stops the command at once. Every stage is an ordinary run in its
-own sub-directory (`source/`, `<method>/`), so rerunning the command resumes an
+The quickstart is a composition of ordinary runs: `sub_runs` resolves every stage to a
+`run_config.RunSpec` before any of them trains (a mistake that only concerns the last
+run stops the command at once), and each is trained by `loop.train` in its own
+sub-directory (`source/`, `<method>/`), so rerunning the command resumes an
 interrupted quickstart where it stopped.
 """
 
@@ -47,8 +48,8 @@ def _needs_pairs_entry(method: str) -> bool:
     return spec is not None and spec.matching != "scratch" and spec.pairs is None
 
 
-def sub_runs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, ml_collections.ConfigDict]:
-    """{"source": its config, method: target config, ...}, every one validated before any trains.
+def sub_runs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, run_config.RunSpec]:
+    """{"source": its run, method: its target run, ...}, every one resolved before any trains.
 
     Raises:
       ConfigError / FileNotFoundError naming the sub-run (the targets' source weights,
@@ -61,17 +62,18 @@ def sub_runs(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, ml_c
         if _needs_pairs_entry(m) and m not in config.pairs:
             raise ConfigError(f"config.methods names {m!r} but config.pairs has no entry for it")
     source_weights = str(workdir / "source" / "best_weights.msgpack")
-    runs = {"source": ml_collections.ConfigDict(config.source.to_dict())}
+    configs = {"source": ml_collections.ConfigDict(config.source.to_dict())}
     for m in methods:
-        runs[m] = target_config(config, m, source_weights)
-    for name, c in runs.items():
+        configs[m] = target_config(config, m, source_weights)
+    runs = {}
+    for name, c in configs.items():
         if name == "source":
             what = "the source run (config.source)"
         else:
             entry = f", pairs from config.pairs.{name}" if name in config.pairs else ""
             what = f"the {name} run (config.target with method {name}{entry})"
         try:
-            run_config.validate(c, pending=(source_weights,))
+            runs[name] = run_config.resolve(c, pending=(source_weights,))
         except ConfigError as e:
             raise ConfigError(f"{what}: {e}") from None
         except FileNotFoundError as e:
@@ -116,7 +118,7 @@ def run_quickstart(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows = [
         {
             "method": m,
-            "pairs": runs[m].pairs if run_config.resolve_method(runs[m]).pairs else "-",
+            "pairs": runs[m].record["pairs"] if runs[m].pairs else "-",
             **{k: s[k] for k in ("best_val_acc", "test_acc_at_best_val", "last_test_acc", "wall_time_s")},
         }
         for m, s in targets.items()

@@ -58,12 +58,11 @@ def main(argv: list[str]) -> int:
 
     config = _CONFIG.value
     try:
-        if config.get("experiment") == "quickstart":
-            from experiments import quickstart
-
-            quickstart.run_quickstart(config, _WORKDIR.value)
+        compose = _composition(config)
+        if compose is not None:
+            compose(config, _WORKDIR.value)  # several ordinary runs, each through loop.train
         else:
-            loop.train(config, _WORKDIR.value)
+            loop.train(run_config.resolve(config), _WORKDIR.value)
     except loop.TrainingInterrupted as e:
         print(f"\n{e.rerun_hint(_command_line())}", file=sys.stderr)
         return 128 + (e.signum or 2)
@@ -78,6 +77,25 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _composition(config):
+    """The driver of a config that composes several runs (its `experiment` key), or None for one run.
+
+    A composition's config has its own shape (e.g. the quickstart's `source` and
+    `target` run configs); its driver resolves every run to a `RunSpec` before any trains.
+    """
+    kind = config.get("experiment")
+    if kind is None:
+        return None
+    if kind == "quickstart":
+        from experiments import quickstart
+
+        return quickstart.run_quickstart
+    from l2t_jax.run_config import ConfigError
+
+    raise ConfigError(f"config.experiment={kind!r} is not a known composition (known: 'quickstart'); "
+                      f"a config of one run has no 'experiment' key")
 
 
 def run_cli() -> None:

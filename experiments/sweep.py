@@ -182,11 +182,11 @@ class Sweep:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def write_record(self) -> None:
+        from l2t_jax.io.atomic import write_text_atomic
+
         with self.lock:
             obj = {**self.header, "updated": _now(), "cells": [c.record() for c in self.cells]}
-            tmp = self.root / ".sweep.json.tmp"
-            tmp.write_text(json.dumps(obj, indent=2) + "\n")
-            os.replace(tmp, self.root / "sweep.json")
+            write_text_atomic(self.root / "sweep.json", json.dumps(obj, indent=2) + "\n")
 
     def _say(self, msg: str) -> None:
         with self.lock:

@@ -9,7 +9,7 @@ It takes the same config file and `--config.KEY=VALUE` overrides as `experiments
 one command line, with `experiments.run` swapped for `experiments.torch_scratch`, trains the
 same setting in both frameworks. What is shared and what is PyTorch's:
 
-* data: `l2t_jax.loop.load_run_data(config)` (the same train / validation / test splits)
+* data: `l2t_jax.loop.load_run_data(spec.data)` (the same train / validation / test splits)
   and `l2t_jax.data.batch_iterator` with the JAX loop's arguments (seed, epoch,
   drop_last, resize_to), so batch k of epoch e holds exactly the JAX run's pixels and
   labels (NHWC float32 transposed to NCHW); evaluation uses the same eval transform;
@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from l2t_jax import data as data_lib, run_config
+from l2t_jax.io.atomic import write_atomic, write_json_atomic
 from l2t_jax.schedule import cosine_epoch_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,13 +111,13 @@ def jax_initial_state_dict(config, num_classes: int) -> dict[str, torch.Tensor]:
     """The JAX run's initial target weights (`l2t_jax.loop.build`'s key) as a PyTorch state dict."""
     import jax
 
-    from l2t_jax import weights as weights_lib
+    from l2t_jax.io.torch_layout import variables_to_torch
     from l2t_jax.models import get_model, init_model
 
     target = get_model(config.target_model, num_classes, conv_impl=config.conv_impl)
     key_init, _ = jax.random.split(jax.random.key(config.seed))
     variables = jax.device_get(init_model(target, key_init, config.image_size))
-    sd = weights_lib.variables_to_torch(config.target_model, variables)
+    sd = variables_to_torch(config.target_model, variables)
     return {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
 
 
@@ -234,25 +235,8 @@ def evaluate(model: nn.Module, ds: data_lib.ImageDataset, config, batch_size: in
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _atomic_bytes(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
 def _torch_save(path: Path, obj: Any) -> None:
-    _atomic_bytes(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -298,7 +282,7 @@ def run(config, workdir: str | os.PathLike, *, threads: int = 1, checkpoint_ever
     torch.set_num_threads(threads)
     if config.method != "scratch":
         raise run_config.ConfigError(f"{__name__} trains method=scratch only (config.method={config.method!r})")
-    run_config.validate(config)
+    spec = run_config.resolve(config)
     if config.target_weights:
         raise run_config.ConfigError(f"{__name__} trains from the reference initialisation; "
                                      f"config.target_weights={config.target_weights!r} is not supported")
@@ -306,7 +290,7 @@ def run(config, workdir: str | os.PathLike, *, threads: int = 1, checkpoint_ever
 
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    plain = run_config.to_plain(config)
+    plain = spec.record
     done = _finished(workdir, plain)
     if done is not None:
         log(f"{workdir} is already finished: best val {_fmt(done['best_val_acc'])} (epoch {done['best_epoch']}), "
@@ -323,7 +307,7 @@ def run(config, workdir: str | os.PathLike, *, threads: int = 1, checkpoint_ever
             raise run_config.ConfigError(f"{ckpt_path} holds a run with another config; differing keys:\n  "
                                          + "\n  ".join(diff) + "\nuse another --workdir, or rerun with the saved config")
 
-    data = loop.load_run_data(config)
+    data = loop.load_run_data(spec.data)
     E = int(config.epochs)
     spe = data_lib.steps_per_epoch(len(data.train), int(config.batch_size), config.drop_last)
     if spe < 1:
@@ -436,7 +420,7 @@ def run(config, workdir: str | os.PathLike, *, threads: int = 1, checkpoint_ever
         "history": hist,
         "config": plain,
     }
-    _write_json(workdir / "summary.json", summary)
+    write_json_atomic(workdir / "summary.json", summary, sort_keys=False)
     if ckpt_path.exists():
         ckpt_path.unlink()  # the summary and the weights files hold everything now
     log(f"done: best val {_fmt(summary['best_val_acc'])} (epoch {summary['best_epoch']}), test there "

@@ -1,6 +1,6 @@
 """The bilevel scheme: PyTorch-exact SGD, the unrolled look-ahead, the meta-gradient, `train_step`.
 
-One training iteration (the reference's order, SPEC "One training iteration"):
+One training iteration, in the reference's order (alinlab/L2T-ww `train_l2t_ww.py`):
 
 1. real step: one SGD step on L_total = L_org + L_wfm at θ -> θ₁ (BN in training
    mode; the source in eval mode, as a constant);
@@ -145,9 +145,10 @@ class BilevelConfig:
       remat: rematerialise each look-ahead step in the backward pass (less memory).
       unroll: trace the T look-ahead steps as straight-line code instead of a
         `lax.scan` loop (only when remat is off): XLA then keeps no stacked per-step
-        buffers and can schedule across steps (faster and smaller; the README has
-        the measurements). With remat the steps stay a loop, because unrolled, XLA's
-        scheduler undoes the memory saving. Compile time grows with T.
+        buffers and can schedule across steps (faster and smaller; the README's
+        "Speed and memory" has the measurements). With remat the steps stay a
+        loop, because unrolled, XLA's scheduler undoes the memory saving. Compile
+        time grows with T.
       hvp: how the meta-gradient differentiates each step's inner gradient
         (`inner_value_and_grad`): "reverse" (reverse over reverse) or "mixed" (a
         custom VJP computing forward-over-reverse Hessian-vector products, which
@@ -646,18 +647,6 @@ def make_train_step(models: Models, cfg: BilevelConfig, *, donate: bool = True) 
     """
     fn = functools.partial(train_step, models=models, cfg=cfg)
     return jax.jit(fn, donate_argnums=(0,) if donate else ())
-
-
-def eval_step(model: nn.Module, variables: PyTree, x: Array, y: Array) -> dict[str, Array]:
-    """Eval-mode forward: {"correct": number of top-1 hits, "loss_sum": summed CE, "count"}."""
-    logits, _ = model.apply(variables, x, train=False)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    nll = -jnp.take_along_axis(logp, y[:, None].astype(jnp.int32), -1)[:, 0]
-    return {
-        "correct": jnp.sum(jnp.argmax(logits, -1) == y),
-        "loss_sum": jnp.sum(nll),
-        "count": jnp.asarray(y.shape[0]),
-    }
 
 
 def target_variables(state: TrainState) -> PyTree:

@@ -505,8 +505,55 @@ def _image_label(example: Mapping[str, Any], image_key: str, label_key: str) -> 
     return as_rgb_uint8(example[image_key]), int(example[label_key])
 
 
+#: Datasets built into the library (no files): scikit-learn's 8x8 digits.
+BUILTIN_DATASETS: tuple[str, ...] = ("digits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A parsed dataset string: where a run's images come from.
+
+    Attributes:
+      kind: "tfds" (a prepared tfds dataset), "folder" (PATH/train/<class>/*,
+        PATH/test/<class>/*), "npz" (x, y[, x_test, y_test]) or "builtin".
+      name: the tfds or built-in name, or the path as written.
+      path: the folder / npz file, resolved against data_dir (None for tfds and built-ins).
+    """
+
+    kind: str
+    name: str
+    path: Path | None = None
+
+
+def parse_dataset(source: str, data_dir: str | os.PathLike | None = None) -> DatasetSpec:
+    """Parses "tfds:NAME" | "folder:PATH" | "npz:PATH" | "PATH.npz" | a built-in name.
+
+    A relative PATH is taken relative to `data_dir` when that is given. The one parser of
+    dataset strings: configs are checked and datasets loaded through it.
+
+    Raises:
+      ValueError: an empty or unknown source (the message lists the accepted forms).
+    """
+    if source in BUILTIN_DATASETS:
+        return DatasetSpec("builtin", source)
+    kind, sep, rest = source.partition(":")
+    if not sep and source.endswith(".npz"):
+        kind, rest = "npz", source
+    if kind == "tfds" and rest:
+        return DatasetSpec("tfds", rest)
+    if kind in ("folder", "npz") and rest:
+        path = Path(rest).expanduser()
+        if data_dir and not path.is_absolute():
+            path = Path(data_dir).expanduser() / path
+        return DatasetSpec(kind, rest, path)
+    raise ValueError(
+        f"unknown dataset source {source!r}: use 'tfds:NAME', 'folder:PATH', 'npz:PATH' (or a *.npz path) "
+        f"or a built-in ({', '.join(BUILTIN_DATASETS)})"
+    )
+
+
 def load_dataset(source: str, data_dir: str | os.PathLike | None = None, **kw: Any) -> dict[str, ImageDataset]:
-    """Load a dataset named by one string.
+    """Load a dataset named by one string (`parse_dataset`'s forms but the built-ins).
 
     Args:
       source: ``"tfds:NAME"`` (read from ``data_dir``), ``"folder:PATH"``,
@@ -518,17 +565,14 @@ def load_dataset(source: str, data_dir: str | os.PathLike | None = None, **kw: A
     Returns:
       ``{split: ImageDataset}``.
     """
-    kind, sep, rest = source.partition(":")
-    if not sep and source.endswith(".npz"):
-        kind, rest = "npz", source
-    if kind == "tfds":
-        return load_tfds(rest, data_dir, **kw)
-    if kind in ("folder", "npz"):
-        path = Path(rest).expanduser()
-        if data_dir is not None and not path.is_absolute():
-            path = Path(data_dir).expanduser() / path
-        return load_image_folder(path, **kw) if kind == "folder" else load_npz(path, **kw)
-    raise ValueError(f"unknown dataset source {source!r}: use 'tfds:NAME', 'folder:PATH', 'npz:PATH' or a *.npz path")
+    spec = parse_dataset(source, data_dir)
+    if spec.kind == "tfds":
+        return load_tfds(spec.name, data_dir, **kw)
+    if spec.kind == "folder":
+        return load_image_folder(spec.path, **kw)
+    if spec.kind == "npz":
+        return load_npz(spec.path, **kw)
+    raise ValueError(f"dataset {source!r} is built in: load it with its own loader (l2t_jax.digits)")
 
 
 # --------------------------------------------------------------------------- #

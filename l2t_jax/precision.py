@@ -91,11 +91,11 @@ def meta_gradient_precision(config, batches: int = 4, workdir: Optional[str] = N
     from l2t_jax import bilevel, data as data_lib, loop, run_config
     from l2t_jax.checkpoint import Checkpointer
 
-    pairs = run_config.validate(config)
-    data = loop.load_run_data(config)
-    setup = loop.build(config, pairs, data.num_classes)
+    spec = run_config.resolve(config)
+    data = loop.load_run_data(spec.data)
+    setup = loop.build(spec, data.num_classes)
     if not setup.bilevel_config.has_meta_step:
-        raise run_config.ConfigError(f"config.method={config.method!r} has no meta-parameters: nothing to compare")
+        raise run_config.ConfigError(f"config.method={spec.method!r} has no meta-parameters: nothing to compare")
     state, where = setup.initial_state, "initial state"
     if workdir:
         ckpt = Checkpointer(Path(workdir).expanduser() / "checkpoints")
@@ -117,16 +117,18 @@ def meta_gradient_precision(config, batches: int = 4, workdir: Optional[str] = N
                                      cfg=cfg, src_logits=src_logits)[0]
 
     def at(dtype, x, y):
-        opt = bilevel.with_learning_rate(state.opt_state, float(config.lr))
+        opt = bilevel.with_learning_rate(state.opt_state, float(spec.schedule.lr))
         args = cast((state.meta_params, state.params, opt, state.batch_stats, setup.source_variables, x), dtype)
         return jax.device_get(grad_fn(*args, jnp.asarray(y, jnp.int32)))
 
-    it = data_lib.batch_iterator(data.train, min(config.batch_size, len(data.train)), train=True,
-                                 image_size=config.image_size, seed=config.seed, epoch=0, num_workers=1,
-                                 resize_to=config.resize_to or None)
-    out = {"setting": {"target": config.target_model, "source": config.source_model, "method": config.method,
-                       "batch_size": int(config.batch_size), "T": int(config.T), "image_size": int(config.image_size),
-                       "pairs": len(pairs), "lr": float(config.lr)},
+    sched, ds = spec.schedule, spec.data
+    it = data_lib.batch_iterator(data.train, min(sched.batch_size, len(data.train)), train=True,
+                                 image_size=ds.image_size, seed=spec.seed, epoch=0, num_workers=1,
+                                 resize_to=ds.resize_to or None)
+    source = spec.sources[0].model if spec.sources else config.source_model
+    out = {"setting": {"target": spec.target.model, "source": source, "method": spec.method,
+                       "batch_size": sched.batch_size, "T": int(cfg.T), "image_size": ds.image_size,
+                       "pairs": len(spec.pairs), "lr": float(sched.lr)},
            "state": where, "batches": []}
     for k, (x, y) in enumerate(it):
         if k >= batches:

@@ -137,8 +137,10 @@ def load_case(case_dir: str | Path, dtype: str = "float64", conv_impl: str = "au
     _check_case_dir(case_dir, TRAJECTORY_FILES if is_trajectory(case_dir) else CASE_FILES)
     dt = _enable_dtype(dtype)
 
-    from l2t_jax import bilevel, transfer, weights
+    from l2t_jax import bilevel, transfer
+    from l2t_jax.io.torch_layout import load_pretrained
     from l2t_jax.models import get_model, model_info
+    from l2t_jax.reference_run import load_reference_run
 
     config = json.loads((case_dir / "config.json").read_text())
     for key in ("source_model", "target_model", "num_classes", "pairs", "T"):
@@ -149,9 +151,9 @@ def load_case(case_dir: str | Path, dtype: str = "float64", conv_impl: str = "au
     src_info, tgt_info = model_info(src_name), model_info(tgt_name)
     transfer.validate_pairs(pairs, len(src_info.tap_channels), len(tgt_info.tap_channels))
 
-    source_vars = weights.load_pretrained(case_dir / "source.pth", src_name)
+    source_vars = load_pretrained(case_dir / "source.pth", src_name)
     source_classes = int(np.shape(source_vars["params"]["fc"]["bias"])[0])
-    run = weights.load_reference_run(
+    run = load_reference_run(
         case_dir / "checkpoint.pth",
         target_model=tgt_name,
         num_classes=int(config["num_classes"]),

@@ -23,13 +23,15 @@ function: they are left out (their names are listed as `unused`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from l2t_jax import weights
-from l2t_jax.weights import ReferenceRun
+from l2t_jax.io import torch_layout
+from l2t_jax.io.torch_pickle import read_torch_file
+from l2t_jax.reference_run import ReferenceRun, require_entry
 
 PyTree = Any
 
@@ -88,7 +90,7 @@ def parameter_order(run: ReferenceRun) -> list[str]:
     layout = run.torch_layout
     if layout is None:
         raise ValueError("the run was not read from a reference checkpoint: its parameter order is unknown")
-    model = [k for k in layout.key_order if k not in layout.aliases and not weights._is_buffer_key(k)]
+    model = [k for k in layout.key_order if k not in layout.aliases and not torch_layout.is_buffer_key(k)]
     return model + [f"branch.{i}.{n}" for i in range(len(run.branch)) for n in ("weight", "bias")]
 
 
@@ -111,11 +113,11 @@ def state_to_reference(
     state = jax.device_get(state)
     out: dict[str, np.ndarray] = {}
     variables = {"params": state.params["model"], "batch_stats": state.batch_stats}
-    for key, value in weights.variables_to_torch(run.model_name, variables).items():
+    for key, value in torch_layout.variables_to_torch(run.model_name, variables).items():
         out[f"target_model.{key}"] = value
     out.update(_branch_to_torch(state.params["branch"], "target_branch."))
 
-    entries = {e.torch_key: e for e in weights.torch_entries(run.model_name) if e.is_parameter}
+    entries = {e.torch_key: e for e in torch_layout.torch_entries(run.model_name) if e.is_parameter}
     buffers = bilevel.momentum_buffers(state.opt_state)
     branch_buffers = _branch_to_torch(buffers["branch"], "branch.")
     unused = []
@@ -124,7 +126,7 @@ def state_to_reference(
             out[f"momentum.{pos}"] = branch_buffers[key]
         elif key in entries:
             e = entries[key]
-            out[f"momentum.{pos}"] = weights._to_torch_layout(weights._get_path(buffers["model"], e.path), e.layout)
+            out[f"momentum.{pos}"] = torch_layout.to_torch_layout(torch_layout.get_path(buffers["model"], e.path), e.layout)
         else:
             unused.append(f"momentum.{pos}")
     unused += [f"target_model.{k}" for k in (run.torch_layout.unused if run.torch_layout else {})]
@@ -143,21 +145,21 @@ def expected_trajectory(case_dir: str | Path) -> dict[str, np.ndarray]:
 
     Raises:
       FileNotFoundError: a file is missing.
-      weights.WeightImportError: `expected.pth` lacks an entry.
+      WeightImportError: `expected.pth` lacks an entry.
     """
     case_dir = Path(case_dir)
     for f in ("expected.pth", "expected.npz"):
         if not (case_dir / f).exists():
             raise FileNotFoundError(f"{case_dir / f} not found: nothing to compare against")
-    ck = weights.read_torch_file(case_dir / "expected.pth")
+    ck = read_torch_file(case_dir / "expected.pth")
     what = str(case_dir / "expected.pth")
     out: dict[str, np.ndarray] = {}
-    for key, value in weights._require(ck, "target_model", what).items():
+    for key, value in require_entry(ck, "target_model", what).items():
         out[f"target_model.{key}"] = np.asarray(value)
-    for key, value in weights._require(ck, "target_branch", what).items():
+    for key, value in require_entry(ck, "target_branch", what).items():
         out[f"target_branch.{key}"] = np.asarray(value)
-    sgd = weights._require(ck, "target_optimizer", what)
-    for pos, entry in weights._require(sgd, "state", what + ": target_optimizer").items():
+    sgd = require_entry(ck, "target_optimizer", what)
+    for pos, entry in require_entry(sgd, "state", what + ": target_optimizer").items():
         if isinstance(entry, Mapping) and entry.get("momentum_buffer") is not None:
             out[f"momentum.{int(pos)}"] = np.asarray(entry["momentum_buffer"])
     for net in ("w", "lw"):
@@ -165,7 +167,7 @@ def expected_trajectory(case_dir: str | Path) -> dict[str, np.ndarray]:
             out[f"{net}.{key}"] = np.asarray(value)
     adam = ck.get("meta_optimizer")
     if adam is not None:
-        for pos, entry in weights._require(adam, "state", what + ": meta_optimizer").items():
+        for pos, entry in require_entry(adam, "state", what + ": meta_optimizer").items():
             for kind in ("exp_avg", "exp_avg_sq"):
                 if kind in entry:
                     out[f"adam.{kind}.{int(pos)}"] = np.asarray(entry[kind])
@@ -179,7 +181,7 @@ def expected_trajectory(case_dir: str | Path) -> dict[str, np.ndarray]:
 def group_of(name: str) -> str:
     """Which of `PARAMETER_GROUPS` a name of `state_to_reference` belongs to."""
     if name.startswith("target_model."):
-        return "BN statistics" if weights._is_buffer_key(name) else "parameters"
+        return "BN statistics" if torch_layout.is_buffer_key(name) else "parameters"
     if name.startswith("target_branch."):
         return "branch"
     if name.startswith("momentum."):

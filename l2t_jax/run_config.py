@@ -92,13 +92,12 @@ from typing import Optional
 import ml_collections
 
 from l2t_jax import transfer
-from l2t_jax.bilevel import BN_UPDATES, HVP_MODES, SCHEMES
+from l2t_jax.bilevel import BN_UPDATES, HVP_MODES, SCHEMES, BilevelConfig
+from l2t_jax.data import BUILTIN_DATASETS, DatasetSpec, parse_dataset
 from l2t_jax.models import available_models, model_info
 from l2t_jax.models.layers import CONV_IMPLS
 from l2t_jax.parallel import BN_MODES
-
-NAMED_PAIRS = ("all_to_all", "one_to_one", "single")
-BUILTIN_DATASETS = ("digits",)
+from l2t_jax.transfer import MatchingConfig
 #: config.data_parallel: "" (off), or one of `parallel.BN_MODES`
 DATA_PARALLEL = ("",) + BN_MODES
 # Keys a resumed run may change (they do not affect the numbers).
@@ -377,19 +376,6 @@ def _choice(config, key: str, choices) -> None:
         raise ConfigError(f"config.{key}={config[key]!r} is not one of {', '.join(map(str, choices))}")
 
 
-def _dataset_path(config) -> Optional[Path]:
-    """The file/folder a folder:/npz: dataset names (relative to data_dir), else None."""
-    kind, sep, rest = config.dataset.partition(":")
-    if not sep and config.dataset.endswith(".npz"):
-        kind, rest = "npz", config.dataset
-    if kind not in ("folder", "npz"):
-        return None
-    path = Path(rest).expanduser()
-    if config.data_dir and not path.is_absolute():
-        path = Path(config.data_dir).expanduser() / path
-    return path
-
-
 def parse_extra_sources(spec: str, default_pairs: str) -> tuple[SourceSpec, ...]:
     """'MODEL:WEIGHTS[:PAIRS[:NUM_CLASSES]];...' -> SourceSpecs ('' -> ())."""
     out = []
@@ -491,33 +477,131 @@ def resolve_method(config) -> ResolvedMethod:
     )
 
 
-def resolve_pairs(config) -> tuple[tuple[int, int], ...]:
-    """The (source_tap, target_tap) matching pairs of the run (() without matching).
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Where a run's images come from and how its splits are drawn.
 
-    With `extra_sources`, source tap indices count across the sources in order.
+    Attributes:
+      dataset: the dataset string as the config gives it; source: it parsed.
+      data_dir: the base of relative paths and the tfds data dir ("" = none).
+      classes: the classes kept, relabelled 0..K-1 in this order (None = all).
+      image_size, resize_to: network input side; shorter-side resize first (0 = none).
+      val_fraction: share of every training class held out for validation.
+      n_per_class: training images kept per class after that (0 = all).
+      seed: the split and shuffling seed (the run's seed).
+      offline: never download; num_workers: decoding / augmentation threads.
     """
-    return resolve_method(config).pairs
+
+    dataset: str
+    source: DatasetSpec
+    data_dir: str
+    classes: Optional[tuple[int, ...]]
+    image_size: int
+    resize_to: int
+    val_fraction: float
+    n_per_class: int
+    seed: int
+    offline: bool
+    num_workers: int
 
 
-def validate(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()) -> tuple[tuple[int, int], ...]:
-    """Checks everything that can be checked without loading data or weights.
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """The network being trained: registry name, optional initial weights ("" = none), conv lowering."""
 
-    Raises `ConfigError` (or `FileNotFoundError` for a missing data/weights path) with
-    a message naming the key. Returns the resolved pairs. On success it writes the
-    effective pairs / scheme / meta_kind into `config` (`fill_method_keys`), so the
-    config, and the config.json written from it, name what runs.
+    model: str
+    weights: str
+    conv_impl: str
 
-    Args:
-      config: the run's config.
-      pending: weights files that an earlier stage of the same command will write
-        (the quickstart's source): not required to exist yet.
+    @property
+    def tap_channels(self) -> tuple[int, ...]:
+        return tuple(model_info(self.model).tap_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the loop runs: epochs and batches, the learning rate, evaluation, logging, checkpoints.
+
+    lr is the initial learning rate, cosine-annealed per epoch. eval_every_epochs and
+    test_eval decide when the validation and test splits are evaluated (`run_config`'s
+    key list); none of these fields changes the training numbers but epochs, batch_size,
+    drop_last and lr.
     """
+
+    epochs: int
+    batch_size: int
+    drop_last: bool
+    lr: float
+    eval_batch_size: int
+    eval_every_epochs: int
+    test_eval: str
+    log_every: int
+    checkpoint_every_epochs: int
+    max_checkpoints: int
+    progress_bar: bool
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the epoch that just ended (1-based `epoch`) is evaluated on validation."""
+        return epoch == self.epochs or epoch % self.eval_every_epochs == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run, resolved from its config: what the loop and the tools read instead of the config.
+
+    Attributes:
+      method: the config's method name (`METHOD_SPECS`); resolved: what it amounts to.
+      seed: the run's seed (initialisation, splits, shuffling, augmentation).
+      bilevel: the training step's configuration (matching, look-ahead, optimisers).
+      sources: the source networks (empty without transfer); target: the trained network.
+      data, schedule: the data and the loop's schedule.
+      lambda_init: the initial λ of the meta-networks' output.
+      data_parallel: "" (one device) | `parallel.BN_MODES`.
+      record: the config as plain JSON values with the keys its method fixes set to what
+        runs: config.json, the checkpoints' record, and what a resume is compared with.
+    """
+
+    method: str
+    resolved: ResolvedMethod
+    seed: int
+    bilevel: BilevelConfig
+    sources: tuple[SourceSpec, ...]
+    target: TargetSpec
+    data: DataSpec
+    schedule: Schedule
+    lambda_init: float
+    data_parallel: str
+    record: dict = dataclasses.field(compare=False, hash=False, repr=False)
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The (source tap, target tap) matching pairs (source taps counted across the sources)."""
+        return self.bilevel.matching.pairs
+
+    @property
+    def source_channels(self) -> tuple[int, ...]:
+        """The channels of every source tap, the sources' taps concatenated in order."""
+        return tuple(c for s in self.sources for c in model_info(s.model).tap_channels)
+
+    def describe(self) -> str:
+        """One line naming the run (for logs)."""
+        names = [s.model for s in self.sources]
+        src = f"{'+'.join(names)} -> " if names else ""
+        return (f"{self.method} {src}{self.target.model} on {self.data.dataset} "
+                f"(seed {self.seed}, {self.schedule.epochs} epochs)")
+
+
+def _check_keys(config) -> None:
     missing = sorted(set(base_config().keys()) - set(config.keys()))
     if missing:
         raise ConfigError(f"config lacks key(s) {missing}; start configs from l2t_jax.run_config.base_config()")
     unknown = sorted(set(config.keys()) - set(base_config().keys()))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}")
+
+
+def _check_values(config) -> None:
+    """The checks of single keys: allowed values (each list lives with the code it configures), signs, ranges."""
     _choice(config, "method", METHODS)
     for key, choices in (("scheme", SCHEMES), ("meta_kind", transfer.META_KINDS)):
         if config[key] not in ("",) + tuple(choices):
@@ -544,32 +628,38 @@ def validate(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()
         raise ConfigError(f"config.val_fraction must be in [0, 1), got {config.val_fraction}")
     if config.nesterov:
         raise ConfigError("config.nesterov=True is not supported (the reference uses plain momentum SGD)")
+    if not float(config.lwf_temperature) > 0.0:
+        raise ConfigError(f"config.lwf_temperature must be > 0, got {config.lwf_temperature}")
+
+
+def resolve_data(config) -> DataSpec:
+    """The data part of `resolve` alone (for tools that need a run's images but not its weights)."""
     if not config.dataset:
         raise ConfigError("config.dataset is empty: give 'tfds:NAME', 'folder:PATH', 'npz:PATH' or 'digits'")
-    kind = config.dataset.partition(":")[0]
-    if kind not in ("tfds", "folder", "npz") + BUILTIN_DATASETS and not config.dataset.endswith(".npz"):
+    try:
+        source = parse_dataset(config.dataset, config.data_dir)
+    except ValueError:
         raise ConfigError(
             f"config.dataset={config.dataset!r}: unknown source; use 'tfds:NAME', 'folder:PATH', 'npz:PATH' "
             f"or a built-in ({', '.join(BUILTIN_DATASETS)})"
-        )
-    path = _dataset_path(config)
-    if path is not None and not path.exists():
-        raise FileNotFoundError(f"config.dataset={config.dataset!r}: {path} does not exist")
-    if not float(config.lwf_temperature) > 0.0:
-        raise ConfigError(f"config.lwf_temperature must be > 0, got {config.lwf_temperature}")
-    parse_classes(config.classes)
-    if config.target_model not in available_models():
-        raise ConfigError(
-            f"config.target_model={config.target_model!r} is not a known model; "
-            f"available: {', '.join(available_models())}"
-        )
+        ) from None
+    if source.path is not None and not source.path.exists():
+        raise FileNotFoundError(f"config.dataset={config.dataset!r}: {source.path} does not exist")
+    classes = parse_classes(config.classes)
+    return DataSpec(
+        dataset=config.dataset, source=source, data_dir=config.data_dir, classes=None if classes is None else tuple(classes),
+        image_size=int(config.image_size), resize_to=int(config.resize_to), val_fraction=float(config.val_fraction),
+        n_per_class=int(config.n_per_class), seed=int(config.seed), offline=bool(config.offline),
+        num_workers=int(config.num_workers),
+    )
+
+
+def _check_models(config, resolved: ResolvedMethod, pending: Collection[str]) -> None:
     info = model_info(config.target_model)
     if info.family == "cifar_resnet" and config.image_size != 32:
         raise ConfigError(
             f"config.target_model={config.target_model} takes 32 px images, image_size={config.image_size}"
         )
-    resolved = resolve_method(config)
-    pairs = resolved.pairs
     for i, src in enumerate(resolved.sources):
         key = "config.source_model" if i == 0 else f"config.extra_sources[{i - 1}]"
         wkey = "config.source_weights" if i == 0 else f"config.extra_sources[{i - 1}] weights"
@@ -581,16 +671,68 @@ def validate(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()
             raise FileNotFoundError(f"{wkey}: weights file not found: {src.weights}")
     if config.target_weights and not os.path.isfile(os.path.expanduser(config.target_weights)):
         raise FileNotFoundError(f"config.target_weights: weights file not found: {config.target_weights}")
-    fill_method_keys(config)
-    return pairs
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
-    """One line naming the run (for logs)."""
-    names = [s.model for s in resolve_method(config).sources]
-    src = f"{'+'.join(names)} -> " if names else ""
-    return (
-        f"{config.method} {src}{config.target_model} on {config.dataset} "
-        f"(seed {config.seed}, {config.epochs} epochs)"
+def resolve(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()) -> RunSpec:
+    """The run a config describes, checked as far as it can be without loading data or weights.
+
+    The one place a config is read: everything downstream (the loop, the tools) takes
+    the `RunSpec`. The config itself is left unchanged; `RunSpec.record` is its plain
+    copy with the method's effective pairs / scheme / meta_kind, so config.json names
+    what runs.
+
+    Args:
+      config: the run's config (`base_config()` and overrides).
+      pending: weights files that an earlier stage of the same command will write
+        (the quickstart's source): not required to exist yet.
+
+    Raises:
+      ConfigError (or FileNotFoundError for a missing data / weights path), with a
+      message naming the key.
+    """
+    _check_keys(config)
+    _check_values(config)
+    data = resolve_data(config)
+    if config.target_model not in available_models():
+        raise ConfigError(
+            f"config.target_model={config.target_model!r} is not a known model; "
+            f"available: {', '.join(available_models())}"
+        )
+    resolved = resolve_method(config)
+    _check_models(config, resolved, pending)
+    bilevel_config = BilevelConfig(
+        matching=MatchingConfig(
+            pairs=resolved.pairs, method=resolved.matching, beta=config.beta,
+            lambda_type=config.lambda_type, meta_kind=resolved.meta_kind,
+        ),
+        T=config.T, scheme=resolved.scheme, momentum=config.momentum, weight_decay=config.wd,
+        meta_lr=config.meta_lr, meta_weight_decay=config.meta_wd, bn_updates=config.bn_updates,
+        remat=config.remat, unroll=config.unroll, hvp=config.hvp, lwf_weight=resolved.lwf_weight,
+        lwf_temperature=config.lwf_temperature, at_pairs=resolved.at_pairs, at_beta=config.at_beta,
+    )
+    schedule = Schedule(
+        epochs=int(config.epochs), batch_size=int(config.batch_size), drop_last=bool(config.drop_last),
+        lr=config.lr, eval_batch_size=int(config.eval_batch_size), eval_every_epochs=int(config.eval_every_epochs),
+        test_eval=config.test_eval, log_every=int(config.log_every),
+        checkpoint_every_epochs=int(config.checkpoint_every_epochs), max_checkpoints=int(config.max_checkpoints),
+        progress_bar=bool(config.progress_bar),
+    )
+    record = to_plain(config)
+    record.update({k: resolved_value for k, resolved_value in method_values(config).items()})
+    return RunSpec(
+        method=config.method, resolved=resolved, seed=int(config.seed), bilevel=bilevel_config,
+        sources=resolved.sources, target=TargetSpec(config.target_model, config.target_weights, config.conv_impl),
+        data=data, schedule=schedule, lambda_init=config.lambda_init, data_parallel=config.data_parallel,
+        record=record,
     )
 
+
+def validate(config: ml_collections.ConfigDict, *, pending: Collection[str] = ()) -> tuple[tuple[int, int], ...]:
+    """`resolve`'s checks, for code that holds a config: returns the pairs and fills the method's keys in.
+
+    On success the effective pairs / scheme / meta_kind are written into `config`
+    (`fill_method_keys`), so the config names what runs.
+    """
+    spec = resolve(config, pending=pending)
+    fill_method_keys(config)
+    return spec.pairs

@@ -33,7 +33,8 @@ Pair = tuple[int, int]
 PyTree = Any
 
 LAMBDA_TYPES = ("relu6", "relu", "relu-avg", "const")
-METHODS = ("scratch", "fm", "l2t_w", "l2t_ww")
+#: The matching methods of `MatchingConfig.method` (a run's method names are `run_config.METHODS`).
+MATCHING_METHODS = ("scratch", "fm", "l2t_w", "l2t_ww")
 META_KINDS = ("network", "weights")
 
 
@@ -219,7 +220,7 @@ def init_meta_params(
     Returns:
       {"w": ..., "lw": ...}; "lw" is absent for "l2t_w"; {} for "fm"/"scratch".
     """
-    _check_choice("method", method, METHODS)
+    _check_choice("method", method, MATCHING_METHODS)
     _check_choice("lambda_type", lambda_type, LAMBDA_TYPES)
     _check_choice("meta_kind", meta_kind, META_KINDS)
     if method in ("fm", "scratch"):
@@ -278,7 +279,7 @@ class MatchingConfig:
     meta_kind: str = "network"
 
     def __post_init__(self):
-        _check_choice("method", self.method, METHODS)
+        _check_choice("method", self.method, MATCHING_METHODS)
         _check_choice("lambda_type", self.lambda_type, LAMBDA_TYPES)
         _check_choice("meta_kind", self.meta_kind, META_KINDS)
         if self.method == "scratch" and self.pairs:

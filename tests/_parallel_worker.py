@@ -279,14 +279,15 @@ def runner_mode(out: str) -> dict:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from conftest import tiny_config, write_digits_npz
-    from l2t_jax import loop, run_config, weights
+    from l2t_jax import loop, run_config
+    from l2t_jax.io.msgpack import save_variables
     from l2t_jax.models import get_model, init_model
 
     root = pathlib.Path(out)
     root.mkdir(parents=True, exist_ok=True)
     npz = write_digits_npz(root / "digits.npz", 4)
     src = root / "source.msgpack"
-    weights.save_variables(src, jax.device_get(init_model(get_model("vgg_tiny", 7), jax.random.key(7), 8)))
+    save_variables(src, jax.device_get(init_model(get_model("vgg_tiny", 7), jax.random.key(7), 8)))
     result = {"devices": jax.device_count()}
     for dp in ("", "sync"):
         c = tiny_config(f"npz:{npz}", method="l2t_ww", source_weights=str(src), pairs="1-1,2-2", T=1,

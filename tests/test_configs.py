@@ -32,7 +32,7 @@ def test_config_validates_or_names_what_is_missing(path):
         except FileNotFoundError as e:  # data or weights the user provides: the message names the path
             assert "not found" in str(e) or "does not exist" in str(e)
             continue
-        assert pairs == run_config.resolve_pairs(c)
+        assert pairs == run_config.resolve(c).pairs
 
 
 @pytest.mark.parametrize("name, n_pairs", [("stl10", 15), ("cifar100", 15), ("cub200", 16), ("mit67", 16)])

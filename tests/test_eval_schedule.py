@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_digits_npz
-from l2t_jax import loop, run_config, weights
+from l2t_jax import loop, run_config
+from l2t_jax.io.msgpack import load_variables
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,8 @@ def test_sparse_evaluation_keeps_training_and_reports_test_at_best_val(npz_path,
 
     # training is untouched: the same per-epoch training metrics and final weights
     assert _train_metrics(tmp_path / "every") == _train_metrics(tmp_path / "sparse")
-    final_every = weights.load_variables(tmp_path / "every" / "final_weights.msgpack")
-    final_sparse = weights.load_variables(tmp_path / "sparse" / "final_weights.msgpack")
+    final_every = load_variables(tmp_path / "every" / "final_weights.msgpack")
+    final_sparse = load_variables(tmp_path / "sparse" / "final_weights.msgpack")
     for a, b in zip(_leaves(final_every), _leaves(final_sparse), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO, require_shared
 from experiments import evaluate as ev
-from l2t_jax import weights as W
+from l2t_jax.io.msgpack import save_variables
+from l2t_jax.io.torch_layout import variables_from_torch
 from torch_reference import make_torch_model, perturb_
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -80,7 +81,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     tm = perturb_(make_torch_model("vgg9_bn", 10), seed=4)
     torch.save({"state_dict": tm.state_dict(), "num_classes": 10}, d / "vgg.pth.tar")
-    W.save_variables(d / "vgg.msgpack", W.variables_from_torch("vgg9_bn", tm.state_dict()))
+    save_variables(d / "vgg.msgpack", variables_from_torch("vgg9_bn", tm.state_dict()))
     x = np.random.default_rng(2).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
     pred = torch_predictions(tm, torch_preprocess(x))
     y = labels_with_half_right(pred, 10)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_digits_npz
-from l2t_jax import bilevel, loop, run_config, transfer, weights
+from l2t_jax import bilevel, loop, run_config, transfer
+from l2t_jax.io.msgpack import load_variables, save_variables
 from l2t_jax.models import get_model, init_model, model_info
 from l2t_jax.transfer import MatchingConfig
 
@@ -47,7 +48,7 @@ def source_weights(tmp_path_factory) -> str:
     """A randomly initialised vgg_tiny with 7 classes (another task's head than the target's 4)."""
     variables = init_model(get_model("vgg_tiny", SOURCE_CLASSES), jax.random.key(7), 8)
     path = tmp_path_factory.mktemp("src") / "source.msgpack"
-    weights.save_variables(path, jax.device_get(variables))
+    save_variables(path, jax.device_get(variables))
     return str(path)
 
 
@@ -108,7 +109,7 @@ def test_multi_source_pairs_count_across_sources(npz_path, source_weights):
     assert r.pairs == ((1, 1), (2, 2), (3, 2), (5, 2))  # the second source's taps are 3, 4, 5
     assert run_config.validate(c) == r.pairs
     c.extra_sources = f"vgg_tiny:{source_weights}"  # default: the same pair spec as `pairs`
-    assert run_config.resolve_pairs(c) == ((1, 1), (2, 2), (4, 1), (5, 2))
+    assert run_config.resolve(c).pairs == ((1, 1), (2, 2), (4, 1), (5, 2))
     c.extra_sources = "vgg_tiny"
     with pytest.raises(run_config.ConfigError, match="MODEL:WEIGHTS"):
         run_config.validate(c)
@@ -243,7 +244,7 @@ def test_every_method_trains_with_its_structure(method, npz_path, source_weights
     summary = loop.train(c, tmp_path)
     assert summary["steps"] == 6 and summary["best_val_acc"] is not None
     assert summary["method"] == c.method and summary["source_model"] == "vgg_tiny"
-    final = weights.load_variables(tmp_path / "final_transfer.msgpack")
+    final = load_variables(tmp_path / "final_transfer.msgpack")
     train = _records(tmp_path, "train")
     first_epoch = [r for r in train if r["epoch"] == 1]
     assert first_epoch and all(math.isfinite(r["loss"]) for r in train)

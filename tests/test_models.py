@@ -20,7 +20,8 @@ import torch
 
 from conftest import require_shared
 from l2t_jax.models import available_models, get_model, model_info
-from l2t_jax.weights import WeightImportError, read_torch_file, variables_from_torch
+from l2t_jax.io.torch_layout import variables_from_torch
+from l2t_jax.io.torch_pickle import WeightImportError, read_torch_file
 from torch_reference import make_torch_model, perturb_
 
 # Relative error bounds by (dtype, training mode), about 5-10x the worst measured over every case here

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_digits_npz
-from l2t_jax import precision, reference, weights
+from l2t_jax import precision, reference
+from l2t_jax.io.msgpack import save_variables
 from l2t_jax.models import get_model, init_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def setting(tmp_path_factory):
     root = tmp_path_factory.mktemp("precision")
     npz = write_digits_npz(root / "digits.npz")
     src = root / "source.msgpack"
-    weights.save_variables(src, jax.device_get(init_model(get_model("vgg_tiny", 5), jax.random.key(3), 8)))
+    save_variables(src, jax.device_get(init_model(get_model("vgg_tiny", 5), jax.random.key(3), 8)))
     return npz, src
 
 
@@ -67,9 +68,9 @@ def test_report_on_a_tiny_run(setting):
             assert r["norm64"] > 0 and 0 <= r["rel_l2"] < 1e-3 and r["cosine"] > 0.999999, r
 
     # the float64 side is the exact meta-gradient of the first training batch at the fresh state
-    pairs = run_config.validate(config)
-    data = loop.load_run_data(config)
-    setup = loop.build(config, pairs, data.num_classes)
+    spec = run_config.resolve(config)
+    data = loop.load_run_data(spec.data)
+    setup = loop.build(spec, data.num_classes)
     x, y = next(iter(__import__("l2t_jax.data", fromlist=["batch_iterator"]).batch_iterator(
         data.train, config.batch_size, train=True, image_size=config.image_size, seed=config.seed, epoch=0,
         num_workers=1)))

@@ -36,7 +36,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config, write_digits_npz
-from l2t_jax import loop, run_config, weights
+from l2t_jax import loop, run_config
+from l2t_jax.io.msgpack import load_variables
 
 CACHE = str(REPO / ".jax_cache")
 STEPS_PER_EPOCH = 3  # 48 training images in batches of 16
@@ -81,8 +82,8 @@ def _comparable(summary: dict) -> dict:
 
 
 def _assert_same_final_weights(a: Path, b: Path) -> None:
-    va = weights.load_variables(a / "final_weights.msgpack")
-    vb = weights.load_variables(b / "final_weights.msgpack")
+    va = load_variables(a / "final_weights.msgpack")
+    vb = load_variables(b / "final_weights.msgpack")
     assert all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), va, vb)))
 
 

@@ -25,7 +25,9 @@ import pytest
 
 import conftest
 from conftest import REPO, require_shared, tiny_config, write_digits_npz
-from l2t_jax import bilevel, loop, run_config, weights
+from l2t_jax import bilevel, loop, run_config
+from l2t_jax.io.msgpack import load_variables
+from l2t_jax.io.weights_file import load_weights
 from l2t_jax.checkpoint import Checkpointer
 from l2t_jax.models import get_model, init_model
 from l2t_jax.schedule import cosine_epoch_lr
@@ -116,15 +118,22 @@ def test_checkpoint_roundtrip_and_atomic_save(tmp_path):
     ck.close()
 
 
-def test_masked_eval_matches_bilevel_eval_step():
+def test_masked_eval_step_counts_only_the_real_rows():
+    """`evaluation.eval_step` against top-1 hits and cross-entropy computed in float64 numpy on the 4 real rows."""
+    from l2t_jax.evaluation import eval_step
+
     model = get_model("vgg_tiny", 5)
     variables = init_model(model, jax.random.key(0), 8)
     x = jax.random.normal(jax.random.key(1), (6, 8, 8, 3), jnp.float32)
     y = jnp.array([0, 1, 2, 3, 4, 0], jnp.int32)
-    ref = jax.jit(bilevel.eval_step, static_argnums=0)(model, variables, x[:4], y[:4])
-    out = loop._eval_batch(model, variables, x, y, jnp.array([1, 1, 1, 1, 0, 0], jnp.float32))
-    assert float(out["correct"]) == float(ref["correct"])
-    np.testing.assert_allclose(float(out["loss_sum"]), float(ref["loss_sum"]), rtol=1e-6)
+    logits = np.asarray(model.apply(variables, x[:4], train=False)[0], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want_loss = -sum(logp[i, int(y[i])] for i in range(4))
+    want_correct = int((logits.argmax(-1) == np.asarray(y[:4])).sum())
+    out = eval_step(model, variables, x, y, jnp.array([1, 1, 1, 1, 0, 0], jnp.float32))
+    assert float(out["correct"]) == want_correct
+    np.testing.assert_allclose(float(out["loss_sum"]), want_loss, rtol=1e-6)
 
 
 def test_tiny_models_registered():
@@ -162,7 +171,7 @@ def test_scratch_run_end_to_end(scratch_run):
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert [line["step"] for line in lines if line["kind"] == "train"] == [2, 3, 5, 6]
     assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tb").iterdir())
-    v = weights.load_weights(workdir / "final_weights.msgpack", "vgg_tiny", N_CLASSES)
+    v = load_weights(workdir / "final_weights.msgpack", "vgg_tiny", N_CLASSES)
     assert set(v) == {"params", "batch_stats"}
     assert (workdir / "best_weights.msgpack").is_file()
     # the epoch's learning rate is the reference's cosine value
@@ -225,7 +234,7 @@ def test_interrupted_runs_resume_exactly(npz_path, source_weights, tmp_path):
     s = loop.train(config, run)
 
     # the whole state, read back from the checkpoints into a fresh state's shapes (as loop.train does)
-    like = loop.build(config, run_config.validate(config), N_CLASSES).initial_state
+    like = loop.build(run_config.resolve(config), N_CLASSES).initial_state
     states = {}
     with Checkpointer(run / "checkpoints") as ck_a, Checkpointer(ref_dir / "checkpoints") as ck_b:
         assert ck_a.all_steps() == ck_b.all_steps() == [3, 6, 9]
@@ -262,7 +271,7 @@ def test_interrupted_runs_resume_exactly(npz_path, source_weights, tmp_path):
     )
     assert (run / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
     for name in ("final_weights.msgpack", "final_transfer.msgpack"):
-        a, b = weights.load_variables(run / name), weights.load_variables(ref_dir / name)
+        a, b = load_variables(run / name), load_variables(ref_dir / name)
         assert jax.tree.structure(a) == jax.tree.structure(b), name
         assert all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.array_equal(u, v)), a, b))), name
     # a finished run rerun just rewrites its outputs
@@ -358,7 +367,7 @@ def test_image_folder_dataset(tmp_path):
 
 def test_builtin_digits_and_class_selection(tmp_path):
     config = tiny_config("digits", classes="6-9", n_per_class=4, batch_size=8, epochs=1, val_fraction=0.1)
-    data = loop.load_run_data(config)
+    data = loop.load_run_data(run_config.resolve(config).data)
     assert data.num_classes == 4 and len(data.train) == 16
     assert data.train.class_names == ("6", "7", "8", "9")
     assert sorted(set(data.test.labels.tolist())) == [0, 1, 2, 3]
@@ -367,11 +376,11 @@ def test_builtin_digits_and_class_selection(tmp_path):
 
 def test_target_weights_initialise_the_target(source_weights, tmp_path):
     """The 4-class scratch run's weights initialise a 4-class and a 3-class target (classifier re-drawn)."""
-    src = weights.load_variables(source_weights)
+    src = load_variables(source_weights)
     for classes, n in (("6-9", 4), ("7-9", 3)):
         same_fc = n == N_CLASSES
         config = tiny_config("digits", classes=classes, target_weights=source_weights)
-        setup = loop.build(config, (), n)
+        setup = loop.build(run_config.resolve(config), n)
         got = jax.device_get(setup.initial_state.params["model"])
         np.testing.assert_array_equal(got["conv0"]["kernel"], src["params"]["conv0"]["kernel"])
         assert np.array_equal(got["fc"]["kernel"], src["params"]["fc"]["kernel"]) == same_fc

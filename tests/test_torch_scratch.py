@@ -31,7 +31,7 @@ from conftest import REPO, tiny_config, write_digits_npz  # noqa: E402
 from experiments import torch_scratch as ts  # noqa: E402
 from l2t_jax import bilevel, data as data_lib, loop, run_config  # noqa: E402
 from l2t_jax.models import model_info  # noqa: E402
-from l2t_jax.weights import variables_from_torch, variables_to_torch  # noqa: E402
+from l2t_jax.io.torch_layout import variables_from_torch, variables_to_torch  # noqa: E402
 
 TIME_KEYS = ("train_time_s", "epoch_time_s")
 
@@ -79,7 +79,7 @@ def recorded_run(digits, tmp_path_factory):
 def test_trains_on_the_jax_loops_batches_with_the_reference_lr(digits, recorded_run):
     summary, seen, _ = recorded_run
     config = config_for(digits)
-    data = loop.load_run_data(config)
+    data = loop.load_run_data(run_config.resolve(config).data)
     E = config.epochs
     expected = []
     for epoch in range(E):
@@ -153,9 +153,10 @@ def test_reference_initialisation():
 
 def test_init_jax_is_the_jax_runs_initial_weights(digits):
     config = config_for(digits)
-    data = loop.load_run_data(config)
+    spec = run_config.resolve(config)
+    data = loop.load_run_data(spec.data)
     model = ts.build_model(config, data.num_classes, init="jax")
-    setup = loop.build(config, run_config.validate(config), data.num_classes)
+    setup = loop.build(spec, data.num_classes)
     want = variables_to_torch("vgg_tiny", jax.device_get(bilevel.target_variables(setup.initial_state)))
     got = model.state_dict()
     assert set(got) == set(want)
@@ -167,13 +168,13 @@ def test_init_jax_is_the_jax_runs_initial_weights(digits):
 def test_float64_epochs_equal_jax_train_step(digits):
     """Same initial weights, same batches: the twin and bilevel.train_step (scratch) agree in float64."""
     config = config_for(digits, epochs=4)
-    data = loop.load_run_data(config)
+    spec = run_config.resolve(config)
+    data = loop.load_run_data(spec.data)
     model = ts.build_model(config, data.num_classes).double()
     init_sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     opt = ts.make_optimizer(model, config)
 
-    pairs = run_config.validate(config)
-    setup = loop.build(config, pairs, data.num_classes)
+    setup = loop.build(spec, data.num_classes)
     assert setup.bilevel_config.matching.pairs == () and not setup.bilevel_config.has_meta_step
     v64 = jax.tree.map(jnp.asarray, variables_from_torch("vgg_tiny", init_sd, data.num_classes))
     state = bilevel.create_train_state(

@@ -3,7 +3,7 @@
 * `resize_bilinear` against `F.interpolate(scale_factor=s, mode="bilinear")`
   (align_corners=False, no anti-aliasing);
 * the pair helpers against the reference's `--pairs` flags and the named
-  configurations of SPEC.md;
+  configurations (`transfer.named_pairs`);
 * `meta_outputs` + `matching_loss` (loss and gradients) against a PyTorch
   re-implementation, written here, of the reference's FeatureMatching,
   WeightNetwork and LossWeightNetwork forwards;

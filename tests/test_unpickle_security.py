@@ -31,7 +31,10 @@ import pytest
 
 from conftest import REPO, require_shared, write_digits_npz
 from experiments import evaluate as ev
-from l2t_jax import weights as W
+from l2t_jax import reference_run as RR
+from l2t_jax.io import torch_layout as TL
+from l2t_jax.io import torch_pickle as TP
+from l2t_jax.io import weights_file as WF
 
 try:
     import torch
@@ -206,7 +209,7 @@ def read_with(backend: str, path: Path, monkeypatch) -> Any:
     if backend == "auto_without_torch":
         monkeypatch.setitem(sys.modules, "torch", None)
         backend = "auto"
-    return W.read_torch_file(path, backend=backend)
+    return TP.read_torch_file(path, backend=backend)
 
 
 def assert_one_line_error(err: BaseException, path: Path, *needles: str) -> str:
@@ -236,11 +239,11 @@ def test_payload_is_refused_and_does_not_run(payload, framing, backend, tmp_path
     suffix, frame = FRAMINGS[framing]
     path = tmp_path / f"evil{suffix}"
     path.write_bytes(frame(data))
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         read_with(backend, path, monkeypatch)
     assert_untouched(marker, wait=0.2 if payload == "popen" else 0.0)
     assert_one_line_error(e.value, path, "refused to load", refused, "allow-list")
-    assert isinstance(e.value, W.UnsafeCheckpointError)
+    assert isinstance(e.value, TP.UnsafeCheckpointError)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "auto", "auto_without_torch"])
@@ -251,7 +254,7 @@ def test_a_late_pickle_is_refused_and_does_not_run(late, backend, tmp_path, monk
     suffix, frame, needle = LATE[late]
     path = tmp_path / f"late{suffix}"
     path.write_bytes(frame(data))
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         read_with(backend, path, monkeypatch)
     assert_untouched(marker)
     assert_one_line_error(e.value, path, needle)
@@ -272,7 +275,7 @@ def test_persistent_ids_other_than_storages_are_refused(legacy, backend, tmp_pat
     P(buf, protocol=2).dump({"model": target})
     path = tmp_path / ("pid.pth.tar" if legacy else "pid.pth")
     path.write_bytes(legacy_bytes(buf.getvalue(), pickle.dumps([], 2)) if legacy else zip_bytes(buf.getvalue()))
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         read_with(backend, path, monkeypatch)
     assert_untouched(marker)
     assert_one_line_error(e.value, path, "refused to load", "persistent id")
@@ -298,7 +301,7 @@ def test_object_state_is_set_only_on_an_ordered_dict(case, backend, tmp_path, mo
         out = read_with(backend, path, monkeypatch)
         assert type(out) is collections.OrderedDict and out._metadata == {}
         return
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         read_with(backend, path, monkeypatch)
     assert_one_line_error(e.value, path, "refused to load", needle)
 
@@ -313,7 +316,7 @@ def test_bytes_decode_only_as_latin1(encoding, tmp_path, monkeypatch):
     if encoding == "latin1":
         assert read_with("numpy", path, monkeypatch) == {"b": text.encode("latin1")}
         return
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         read_with("numpy", path, monkeypatch)
     assert_one_line_error(e.value, path, "refused to load", "_codecs.encode", encoding)
 
@@ -366,12 +369,12 @@ def test_public_loaders_refuse_payloads(tmp_path):
     data, refused = payload_eval(marker)
     path = tmp_path / "evil.pth.tar"
     path.write_bytes(frame_legacy_main(data))
-    for load in (W.load_pretrained, W.load_weights):
-        with pytest.raises(W.WeightImportError) as e:
+    for load in (TL.load_pretrained, WF.load_weights):
+        with pytest.raises(TP.WeightImportError) as e:
             load(path, "resnet32")
         assert_one_line_error(e.value, path, "refused to load", refused)
-    with pytest.raises(W.WeightImportError):
-        W.load_reference_run(path, target_model="vgg9_bn", num_classes=10, pairs="0-0",
+    with pytest.raises(TP.WeightImportError):
+        RR.load_reference_run(path, target_model="vgg9_bn", num_classes=10, pairs="0-0",
                              source_tap_channels=[64], target_tap_channels=[64])
     assert_untouched(marker)
 
@@ -399,7 +402,7 @@ def _assert_identical(ours: Any, theirs: Any, where: str, aliases: tuple[dict, d
         assert ours.dtype == ref.dtype and ours.shape == ref.shape, (where, ours.dtype, ref.dtype, ours.shape, ref.shape)
         assert np.ascontiguousarray(ours).tobytes() == np.ascontiguousarray(ref).tobytes(), where  # bit for bit
         if ours.nbytes:
-            aliases[0].setdefault(W._view_identity(ours), []).append(where)
+            aliases[0].setdefault(RR._view_identity(ours), []).append(where)
             aliases[1].setdefault(ident, []).append(where)
         return
     assert type(ours) is type(theirs), (where, type(ours), type(theirs))
@@ -425,7 +428,7 @@ def test_restricted_reader_equals_torch_load_on_shared_files(rel, monkeypatch):
         raise AssertionError("backend='auto' must read with the restricted reader, not torch.load")
 
     monkeypatch.setattr(torch, "load", no_torch_load)
-    ours = W.read_torch_file(path)  # backend="auto", torch installed: the path users hit
+    ours = TP.read_torch_file(path)  # backend="auto", torch installed: the path users hit
     aliases: tuple[dict, dict] = ({}, {})
     _assert_identical(ours, theirs, rel, aliases)
     assert sorted(map(sorted, aliases[0].values())) == sorted(map(sorted, aliases[1].values()))
@@ -505,17 +508,17 @@ BAD_FILES = [
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_bad_files_are_one_clear_error_from_the_loaders(kind, tmp_path):
     path = _bad_file(kind, tmp_path)
-    with pytest.raises(W.WeightImportError) as e:
-        W.load_weights(path, "resnet32")
+    with pytest.raises(TP.WeightImportError) as e:
+        WF.load_weights(path, "resnet32")
     assert_one_line_error(e.value, path)
-    assert isinstance(e.value, W.CheckpointReadError)
+    assert isinstance(e.value, TP.CheckpointReadError)
     if kind != "random_msgpack":
         for backend in ("numpy", "auto", "torch") if torch is not None else ("numpy", "auto"):
-            with pytest.raises(W.CheckpointReadError) as e:
-                W.read_torch_file(path, backend=backend)
+            with pytest.raises(TP.CheckpointReadError) as e:
+                TP.read_torch_file(path, backend=backend)
             assert_one_line_error(e.value, path, "torch.save")
-        with pytest.raises(W.CheckpointReadError):
-            W.load_pretrained(path, "resnet32")
+        with pytest.raises(TP.CheckpointReadError):
+            TL.load_pretrained(path, "resnet32")
 
 
 def test_bad_file_messages_say_what_is_wrong(tmp_path):
@@ -530,8 +533,8 @@ def test_bad_file_messages_say_what_is_wrong(tmp_path):
     for kind, needle in cases.items():
         (tmp_path / kind).mkdir()
         path = _bad_file(kind, tmp_path / kind)
-        with pytest.raises(W.CheckpointReadError) as e:
-            W.read_torch_file(path)
+        with pytest.raises(TP.CheckpointReadError) as e:
+            TP.read_torch_file(path)
         assert needle in str(e.value), (kind, str(e.value))
 
 
@@ -580,7 +583,7 @@ def test_evaluate_cli_payloads_exit_2(framing, tmp_path, capsys):
 
 def test_evaluate_debug_flag_shows_the_traceback(tmp_path):
     path = _bad_file("text", tmp_path)
-    with pytest.raises(W.CheckpointReadError):
+    with pytest.raises(TP.CheckpointReadError):
         ev.main(["--model=resnet32", f"--weights={path}", f"--data={_tiny_npz(tmp_path / 'x.npz')}", "--debug"])
 
 

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from conftest import require_shared
+from l2t_jax import reference_run as RR
 from l2t_jax import weights as W
+from l2t_jax.io import msgpack as MP
+from l2t_jax.io import torch_layout as TL
+from l2t_jax.io import torch_pickle as TP
+from l2t_jax.io import weights_file as WF
 from l2t_jax.transfer import parse_pairs
 from l2t_jax.models import available_models, model_info
 from torch_reference import make_torch_model, perturb_
@@ -43,6 +48,23 @@ def cifar_num(name: str) -> int:
     return 10 if model_info(name).image_size == 32 else 1000
 
 
+def test_weights_module_reexports_the_split_modules():
+    """`l2t_jax.weights`, kept for old imports, hands out the very objects of the modules that now hold them."""
+    homes = {
+        TP: ["WeightImportError", "CheckpointReadError", "UnsafeCheckpointError", "read_torch_file"],
+        TL: ["TorchEntry", "torch_entries", "variables_from_torch", "variables_to_torch", "unwrap_state_dict",
+             "load_pretrained", "check_variables"],
+        MP: ["save_variables", "load_variables"],
+        WF: ["load_weights"],
+        RR: ["TorchLayout", "ReferenceRun", "load_reference_run", "save_reference_run"],
+    }
+    names = [n for ns in homes.values() for n in ns]
+    assert sorted(W.__all__) == sorted(names)
+    for module, ns in homes.items():
+        for n in ns:
+            assert getattr(W, n) is getattr(module, n), n
+
+
 # ---- name mapping ----------------------------------------------------------------------
 
 
@@ -50,50 +72,50 @@ def cifar_num(name: str) -> int:
 def test_mapping_is_pytorch_state_dict_layout(name):
     tm = make_torch_model(name, 7)
     sd = tm.state_dict()
-    entries = W.torch_entries(name)
+    entries = TL.torch_entries(name)
     assert [e.torch_key for e in entries] == list(sd), "keys or registration order differ"
-    variables = W.variables_from_torch(name, sd_numpy(tm))
-    assert W.check_variables(name, variables) == 7
+    variables = TL.variables_from_torch(name, sd_numpy(tm))
+    assert TL.check_variables(name, variables) == 7
     for e in entries:
         ours = variables[e.collection]
         for p in e.path:
             ours = ours[p]
-        assert W._torch_shape(tuple(ours.shape), e.layout) == tuple(sd[e.torch_key].shape), e.torch_key
+        assert TL.torch_shape(tuple(ours.shape), e.layout) == tuple(sd[e.torch_key].shape), e.torch_key
 
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet32", "vgg9_bn", "resnet18", "resnet50"])
 def test_import_export_import_round_trip_is_exact(name):
     tm = perturb_(make_torch_model(name, 5), seed=3)
     sd = sd_numpy(tm)
-    v1 = W.variables_from_torch(name, sd)
+    v1 = TL.variables_from_torch(name, sd)
     assert v1["batch_stats"]["bn1"]["num_batches_tracked"].dtype == np.int32
-    out = W.variables_to_torch(name, v1)
+    out = TL.variables_to_torch(name, v1)
     assert list(out) == list(sd)
     for k in sd:
         assert out[k].dtype == sd[k].dtype and out[k].shape == sd[k].shape and np.array_equal(out[k], sd[k]), k
-    assert tree_equal(W.variables_from_torch(name, out), v1)
+    assert tree_equal(TL.variables_from_torch(name, out), v1)
     fresh = make_torch_model(name, 5)
     fresh.load_state_dict({k: torch.from_numpy(v) for k, v in out.items()}, strict=True)
     # jax arrays are accepted too
     import jax.numpy as jnp
     import jax
 
-    out2 = W.variables_to_torch(name, jax.tree_util.tree_map(jnp.asarray, v1))
+    out2 = TL.variables_to_torch(name, jax.tree_util.tree_map(jnp.asarray, v1))
     assert all(np.array_equal(out2[k], out[k]) for k in out)
 
 
 def test_unused_keys_prefix_and_old_files_without_counters():
     tm = perturb_(make_torch_model("vgg9_bn", 10, extras=True), seed=1)
     sd = sd_numpy(tm)
-    v = W.variables_from_torch("vgg9_bn", sd)  # alphas, new_bn, w1.. ignored
-    ref = W.variables_from_torch("vgg9_bn", {k: v_ for k, v_ in sd.items() if k.startswith(("features", "classifier"))})
+    v = TL.variables_from_torch("vgg9_bn", sd)  # alphas, new_bn, w1.. ignored
+    ref = TL.variables_from_torch("vgg9_bn", {k: v_ for k, v_ in sd.items() if k.startswith(("features", "classifier"))})
     assert tree_equal(v, ref)
-    assert tree_equal(W.variables_from_torch("vgg9_bn", {"module." + k: x for k, x in sd.items()}), v)
+    assert tree_equal(TL.variables_from_torch("vgg9_bn", {"module." + k: x for k, x in sd.items()}), v)
     old = {k: x for k, x in sd.items() if not k.endswith("num_batches_tracked")}
-    v_old = W.variables_from_torch("vgg9_bn", old)
+    v_old = TL.variables_from_torch("vgg9_bn", old)
     assert int(v_old["batch_stats"]["bn3"]["num_batches_tracked"]) == 0
     # torch tensors are accepted as values
-    assert tree_equal(W.variables_from_torch("vgg9_bn", tm.state_dict()), v)
+    assert tree_equal(TL.variables_from_torch("vgg9_bn", tm.state_dict()), v)
 
 
 def test_import_errors_collect_every_problem():
@@ -101,8 +123,8 @@ def test_import_errors_collect_every_problem():
     del sd["layer2.0.downsample.1.running_var"]
     del sd["layer4.1.conv2.weight"]
     sd["layer3.0.conv1.weight"] = np.zeros((256, 128, 1, 1), np.float32)
-    with pytest.raises(W.WeightImportError) as e:
-        W.variables_from_torch("resnet18", sd)
+    with pytest.raises(TP.WeightImportError) as e:
+        TL.variables_from_torch("resnet18", sd)
     msg = str(e.value)
     for needle in ("layer2.0.downsample.1.running_var", "layer4.1.conv2.weight", "(512, 512, 3, 3)", "layer3.0.conv1.weight", "(256, 128, 1, 1)", "(256, 128, 3, 3)"):
         assert needle in msg, needle
@@ -110,13 +132,13 @@ def test_import_errors_collect_every_problem():
 
 def test_num_classes_inferred_and_checked():
     sd = sd_numpy(make_torch_model("resnet20", 37))
-    v = W.variables_from_torch("resnet20", sd)
+    v = TL.variables_from_torch("resnet20", sd)
     assert v["params"]["fc"]["kernel"].shape == (64, 37)
-    assert W.variables_from_torch("resnet20", sd, 37)["params"]["fc"]["bias"].shape == (37,)
-    with pytest.raises(W.WeightImportError, match=r"num_classes=10.*fc\.weight.*37"):
-        W.variables_from_torch("resnet20", sd, 10)
-    with pytest.raises(W.WeightImportError, match="37"):
-        W.check_variables("resnet20", v, 10)
+    assert TL.variables_from_torch("resnet20", sd, 37)["params"]["fc"]["bias"].shape == (37,)
+    with pytest.raises(TP.WeightImportError, match=r"num_classes=10.*fc\.weight.*37"):
+        TL.variables_from_torch("resnet20", sd, 10)
+    with pytest.raises(TP.WeightImportError, match="37"):
+        TL.check_variables("resnet20", v, 10)
 
 
 # ---- files ------------------------------------------------------------------------------
@@ -124,55 +146,55 @@ def test_num_classes_inferred_and_checked():
 
 def test_load_pretrained_plain_and_wrapped(tmp_path):
     tm = perturb_(make_torch_model("resnet18", 1000), seed=5)
-    expect = W.variables_from_torch("resnet18", sd_numpy(tm))
+    expect = TL.variables_from_torch("resnet18", sd_numpy(tm))
     plain = tmp_path / "resnet18-5c106cde.pth"
     torch.save(tm.state_dict(), plain)
-    assert tree_equal(W.load_pretrained(plain, "resnet18"), expect)
-    assert tree_equal(W.load_weights(plain, "resnet18", 1000), expect)
+    assert tree_equal(TL.load_pretrained(plain, "resnet18"), expect)
+    assert tree_equal(WF.load_weights(plain, "resnet18", 1000), expect)
 
     cm = perturb_(make_torch_model("resnet32", 100), seed=6)
     wrapped = tmp_path / "model_best.pth.tar"
     torch.save({"epoch": 3, "state_dict": cm.state_dict(), "num_classes": 100}, wrapped)
-    assert tree_equal(W.load_weights(wrapped, "resnet32"), W.variables_from_torch("resnet32", sd_numpy(cm)))
-    with pytest.raises(W.WeightImportError, match="num_classes=100"):
-        W.load_weights(wrapped, "resnet32", 10)
-    with pytest.raises(W.WeightImportError, match=r"unexpected keys.*blocks2\.2\.conv1\.weight"):
-        W.load_weights(wrapped, "resnet20")  # a deeper model's weights do not load silently
+    assert tree_equal(WF.load_weights(wrapped, "resnet32"), TL.variables_from_torch("resnet32", sd_numpy(cm)))
+    with pytest.raises(TP.WeightImportError, match="num_classes=100"):
+        WF.load_weights(wrapped, "resnet32", 10)
+    with pytest.raises(TP.WeightImportError, match=r"unexpected keys.*blocks2\.2\.conv1\.weight"):
+        WF.load_weights(wrapped, "resnet20")  # a deeper model's weights do not load silently
     legacy = tmp_path / "legacy.pt"
     torch.save(cm.state_dict(), legacy, _use_new_zipfile_serialization=False)
-    assert tree_equal(W.load_weights(legacy, "resnet32"), W.variables_from_torch("resnet32", sd_numpy(cm)))
+    assert tree_equal(WF.load_weights(legacy, "resnet32"), TL.variables_from_torch("resnet32", sd_numpy(cm)))
 
 
 def test_msgpack_round_trip_and_dispatch(tmp_path):
-    v = W.variables_from_torch("vgg9_bn", sd_numpy(perturb_(make_torch_model("vgg9_bn", 10), seed=2)))
+    v = TL.variables_from_torch("vgg9_bn", sd_numpy(perturb_(make_torch_model("vgg9_bn", 10), seed=2)))
     path = tmp_path / "sub" / "vgg.msgpack"
-    W.save_variables(path, v)
+    MP.save_variables(path, v)
     assert sorted(p.name for p in path.parent.iterdir()) == ["vgg.msgpack"]  # no temp file left
-    back = W.load_variables(path)
+    back = MP.load_variables(path)
     assert tree_equal(back, v)
-    assert tree_equal(W.load_weights(path, "vgg9_bn", 10), v)
-    with pytest.raises(W.WeightImportError, match="num_classes=100"):
-        W.load_weights(path, "vgg9_bn", 100)
-    with pytest.raises(W.WeightImportError, match="does not fit|fc"):
-        W.load_weights(path, "resnet20")
+    assert tree_equal(WF.load_weights(path, "vgg9_bn", 10), v)
+    with pytest.raises(TP.WeightImportError, match="num_classes=100"):
+        WF.load_weights(path, "vgg9_bn", 100)
+    with pytest.raises(TP.WeightImportError, match="does not fit|fc"):
+        WF.load_weights(path, "resnet20")
     with pytest.raises(FileNotFoundError, match="nope.msgpack"):
-        W.load_weights(tmp_path / "nope.msgpack", "vgg9_bn")
-    with pytest.raises(W.WeightImportError, match="directory"):
-        W.load_weights(tmp_path, "vgg9_bn")
+        WF.load_weights(tmp_path / "nope.msgpack", "vgg9_bn")
+    with pytest.raises(TP.WeightImportError, match="directory"):
+        WF.load_weights(tmp_path, "vgg9_bn")
     (tmp_path / "w.npz").write_bytes(b"")
-    with pytest.raises(W.WeightImportError, match="unknown weights format"):
-        W.load_weights(tmp_path / "w.npz", "vgg9_bn")
+    with pytest.raises(TP.WeightImportError, match="unknown weights format"):
+        WF.load_weights(tmp_path / "w.npz", "vgg9_bn")
 
 
 def test_read_torch_file_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        W.read_torch_file(tmp_path / "missing.pth")
+        TP.read_torch_file(tmp_path / "missing.pth")
     path = tmp_path / "x.pth"
     torch.save({"a": torch.arange(3)}, path)
     monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
     with pytest.raises(ImportError, match=r"install l2t_jax\[torch\]"):
-        W.read_torch_file(path, backend="torch")
-    out = W.read_torch_file(path)  # auto falls back to the torch-free reader
+        TP.read_torch_file(path, backend="torch")
+    out = TP.read_torch_file(path)  # auto falls back to the torch-free reader
     assert np.array_equal(out["a"], np.arange(3))
 
 
@@ -188,15 +210,15 @@ def _alias_groups(tree, prefix=""):
             for i, v in enumerate(x):
                 walk(v, f"{p}/{i}")
         elif isinstance(x, np.ndarray) and x.nbytes:
-            groups[W._view_identity(x)].append(p)
+            groups[RR._view_identity(x)].append(p)
 
     walk(tree, prefix)
     return sorted(sorted(v) for v in groups.values())
 
 
 def _assert_same_load(path):
-    a = W.read_torch_file(path, backend="torch")
-    b = W.read_torch_file(path, backend="numpy")
+    a = TP.read_torch_file(path, backend="torch")
+    b = TP.read_torch_file(path, backend="numpy")
     assert tree_equal(a, b)
     assert _alias_groups(a) == _alias_groups(b)
     return a
@@ -208,7 +230,7 @@ def _assert_same_load(path):
 def test_torch_free_reader_equals_torch_load_on_shared_files(rel):
     a = _assert_same_load(require_shared("reference/" + rel))
     if rel.endswith("checkpoint.pth"):  # shared storage survives: w.0 is w1
-        assert W._view_identity(a["target_model"]["w.0.weight"]) == W._view_identity(a["target_model"]["w1.weight"])
+        assert RR._view_identity(a["target_model"]["w.0.weight"]) == RR._view_identity(a["target_model"]["w1.weight"])
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -250,7 +272,7 @@ def _stl10_run(path=None, **kw):
         target_tap_channels=model_info(cfg["target_model"]).tap_channels,
     )
     args.update(kw)
-    return W.load_reference_run(path or case / "checkpoint.pth", **args), case
+    return RR.load_reference_run(path or case / "checkpoint.pth", **args), case
 
 
 def _torch_branch(pairs, src_ch, tgt_ch):
@@ -277,14 +299,14 @@ def test_reference_run_matches_pytorch_optimizer_state():
     opt.load_state_dict(ck["target_optimizer"])
     by_name = dict(tm.named_parameters())
     n_checked = 0
-    for e in W.torch_entries("vgg9_bn"):
+    for e in TL.torch_entries("vgg9_bn"):
         if not e.is_parameter:
             continue
         buf = opt.state[by_name[e.torch_key]]["momentum_buffer"].numpy()
         ours = run.momentum["model"]
         for p in e.path:
             ours = ours[p]
-        assert np.array_equal(W._to_torch_layout(ours, e.layout), buf), e.torch_key
+        assert np.array_equal(TL.to_torch_layout(ours, e.layout), buf), e.torch_key
         n_checked += 1
     assert n_checked == 34
     for i, conv in enumerate(branch):
@@ -297,7 +319,7 @@ def test_reference_run_matches_pytorch_optimizer_state():
         assert np.array_equal(run.meta_params["w"][i]["kernel"], ck["w"][f"{i}.weight"].numpy().T)
         assert np.array_equal(run.meta_params["lw"][i]["kernel"], ck["lw"][f"{i}.weight"].numpy().T)
         assert run.meta_params["lw"][i]["bias"].shape == (1,)
-    assert tree_equal(run.variables, W.variables_from_torch("vgg9_bn", ck["target_model"]))
+    assert tree_equal(run.variables, TL.variables_from_torch("vgg9_bn", ck["target_model"]))
 
 
 def _mutated_checkpoint(tmp_path, mutate):
@@ -322,7 +344,7 @@ def test_reference_run_without_momentum_and_const_lambda(tmp_path):
     assert run.momentum["model"]["conv3"]["kernel"].shape == run.variables["params"]["conv3"]["kernel"].shape
     assert np.array_equal(run.meta_params["lw"]["weights"], torch.linspace(-1, 1, 15).numpy())
     out = tmp_path / "resaved.pth"
-    W.save_reference_run(out, run)
+    RR.save_reference_run(out, run)
     back, _ = _stl10_run(out)
     assert not back.has_momentum_buffers and tree_equal(back.meta_params, run.meta_params)
 
@@ -331,7 +353,7 @@ def test_reference_run_parameter_count_is_verified(tmp_path):
     def mutate(ck):
         ck["target_optimizer"]["param_groups"][0]["params"].pop()
 
-    with pytest.raises(W.WeightImportError, match="tracks 90 parameters.*91"):
+    with pytest.raises(TP.WeightImportError, match="tracks 90 parameters.*91"):
         _stl10_run(_mutated_checkpoint(tmp_path, mutate))
 
 
@@ -340,17 +362,17 @@ def test_reference_run_errors_name_entries(tmp_path):
         del ck["target_branch"]["3.bias"]
         ck["w"]["5.weight"] = torch.zeros(16, 16)
 
-    with pytest.raises(W.WeightImportError) as e:
+    with pytest.raises(TP.WeightImportError) as e:
         _stl10_run(_mutated_checkpoint(tmp_path, mutate))
     assert "'3.bias'" in str(e.value) and "'5.weight'" in str(e.value) and "(32, 32)" in str(e.value)
-    with pytest.raises(W.WeightImportError, match="num_classes=100"):
+    with pytest.raises(TP.WeightImportError, match="num_classes=100"):
         _stl10_run(num_classes=100)
 
 
 def test_save_reference_run_reproduces_the_file(tmp_path):
     run, case = _stl10_run()
     out = tmp_path / "resaved.pth"
-    W.save_reference_run(out, run)
+    RR.save_reference_run(out, run)
     a = torch.load(case / "checkpoint.pth", map_location="cpu", weights_only=True)
     b = torch.load(out, map_location="cpu", weights_only=True)
     assert list(a) == list(b)
@@ -373,7 +395,7 @@ def test_save_reference_run_without_layout_round_trips(tmp_path):
     run, _ = _stl10_run()
     run.torch_layout = None
     out = tmp_path / "fresh.pth"
-    W.save_reference_run(out, run)
+    RR.save_reference_run(out, run)
     ck = torch.load(out, map_location="cpu", weights_only=True)
     assert len(ck["target_optimizer"]["param_groups"][0]["params"]) == 34 + 30
     tm = make_torch_model("vgg9_bn", 10)

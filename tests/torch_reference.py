@@ -4,7 +4,7 @@ Written from the reference's documented structure (alinlab/L2T-ww
 `models/resnet_cifar.py`, `models/vgg_cifar.py`, `models/resnet_ilsvrc.py`,
 torchvision's ResNet layout); torchvision itself cannot be imported beside
 torch 2.13 here. Every module's forward returns `(logits, taps)` with the taps
-of SPEC.md.
+of our models (`l2t_jax.models.model_info(name).tap_channels`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ imported from the reference produce the same numbers:
 * `Conv2d`: explicit symmetric padding (never Flax's "SAME", which pads
   stride-2 convolutions asymmetrically); two lowerings, XLA's convolution or an
   im2col matmul (pad + k*k shifted slices + matmuls), numerically the same
-  convolution. The matmul lowering is much faster on XLA's CPU backend for small
-  maps and for second-order differentiation (see ENVIRONMENT.md). It splits the
+  convolution. The matmul lowering is the faster one on XLA's CPU backend for
+  small maps and for second-order differentiation (`python -m
+  benchmarks.conv_accuracy --impls xla,im2col` times both). It splits the
   k*k*C_in contraction into groups of taps of at most `IM2COL_MAX_CONTRACTION`
   and sums the group products: XLA's CPU float32 dot loses accuracy on long
   contractions (see `im2col_conv`).
@@ -36,15 +37,15 @@ Initializer = Callable[..., Array]
 #: Convolution lowerings: "xla" (lax.conv_general_dilated), "im2col" (matmuls over
 #: groups of taps), "auto" (im2col on CPU, XLA's convolution elsewhere), and
 #: "im2col_single" (one matmul over the whole k*k*C_in patch: the former "im2col",
-#: ~14% faster on CPU but less accurate in float32; kept for benchmarks/conv_accuracy.py).
+#: faster on CPU but less accurate in float32, see the README's "Speed and memory";
+#: kept for benchmarks/conv_accuracy.py).
 CONV_IMPLS = ("auto", "xla", "im2col", "im2col_single")
 
 #: Longest contraction (taps x C_in) one matmul of the "im2col" lowering accumulates,
-#: unless a single tap is longer. XLA's CPU float32 dot is as accurate as OpenBLAS up
-#: to about 256 terms, 1.4x worse at 512, 2x at 1152, 2.4x from 2304 on (relative
-#: error 2.0e-7, 2.9e-7, 4.3e-7, 5.4e-7 on non-negative inputs). 512 rather than 256:
-#: fewer, larger matmuls (VGG9 fwd+bwd +14-16% over one matmul, against +20% at 256)
-#: for a float32 meta-gradient as close to float64 (benchmarks/conv_accuracy.py).
+#: unless a single tap is longer. XLA's CPU float32 dot loses accuracy as its
+#: contraction grows past a few hundred terms. 512 rather than 256: fewer, larger
+#: matmuls (faster) for a float32 meta-gradient as close to float64 (README, "Proof of
+#: exactness"; benchmarks/conv_accuracy.py measures both).
 IM2COL_MAX_CONTRACTION = 512
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -86,11 +87,11 @@ def im2col_conv(
     `max_contraction` (a group holds one tap at least). Each group is one matmul of
     its concatenated slices with its rows of the kernel; the group products are
     summed. In exact arithmetic this is the one-matmul im2col; in float32 on XLA's
-    CPU backend its output is about 2x closer to float64 once 9*C_in is large,
-    because that backend's dot accumulates a long contraction with an error that
-    grows with its length, and the meta-gradient (second order, through T steps)
-    amplifies it: 3.4e-3 -> 2e-5 on the reference case. Plain jax ops only, so
-    every order of forward and reverse differentiation works; each derivative is
+    CPU backend its output is closer to float64 once 9*C_in is large, because
+    that backend's dot accumulates a long contraction with an error that grows
+    with its length, and the meta-gradient (second order, through T steps)
+    amplifies it (figures in the README's "Proof of exactness"). Plain jax ops
+    only, so every order of forward and reverse differentiation works; each derivative is
     again a sum of short matmuls (the weight gradient of a group contracts over
     B*H_out*W_out, which XLA blocks itself).
 
@@ -241,7 +242,7 @@ def max_pool_2x2(x: Array) -> Array:
     algebraic simplifier can rewrite the two sides of that test differently, which
     moved the float64 meta-gradient of an unrolled look-ahead by 2-8 %
     (tests/test_bilevel.py). Plain elementwise ops, which XLA's CPU backend fuses
-    (its reduce_window is slow here); the backward is ~15 % faster than a reduce_max's.
+    (its reduce_window is slow here); the backward is also faster than a reduce_max's.
 
     Args:
       x: (B, H, W, C); odd trailing rows/columns are dropped as PyTorch does.
