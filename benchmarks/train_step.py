@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step --setting stl10|cub200 [--batch B] [--T T] [--iters N]
         [--remat] [--no_unroll] [--hvp reverse|mixed] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
-        [--pairs all_to_all|m-n,...] [--no_plain] [--seed S] [--compilation_cache DIR]
+        [--pairs all_to_all|m-n,...] [--no_plain] [--memory_only] [--seed S] [--compilation_cache DIR]
         [--compare_torch [--torch_mode adjoint|unroll] [--torch_threads N] [--torch_device D]]
 
 Settings (benchmarks/common.py): stl10 = ResNet32 (200 classes) -> VGG9-bn (10), 32 px,
@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compilation_cache", default=None,
                    help="persistent XLA compilation cache directory (tests; makes compile_s meaningless)")
     p.add_argument("--no_plain", action="store_true", help="skip the plain-step measurement")
+    p.add_argument("--memory_only", action="store_true",
+                   help="compile only and print XLA's memory analysis (no execution, no timing: valid on a busy machine)")
     p.add_argument("--compare_torch", action="store_true", help="also time the PyTorch twin (child process)")
     p.add_argument("--torch_mode", default="adjoint", choices=("adjoint", "unroll"),
                    help="PyTorch meta-gradient: the reference's MetaSGD adjoint, or an unrolled create_graph look-ahead")
@@ -213,6 +215,12 @@ def run_jax(args) -> dict:
             }
     except Exception as e:  # pragma: no cover - backend without memory analysis
         log(f"no memory analysis: {e}")
+    if args.memory_only:
+        return {"benchmark": "train_step", "memory_only": True, "setting": args.setting, "batch": args.batch,
+                "T": args.T, "remat": bool(args.remat), "unroll": cfg.unrolled, "hvp": args.hvp,
+                "conv_impl": args.conv_impl, "dtype": args.dtype, "num_pairs": len(pairs),
+                "compile_s": rounded(compile_s, 2), **mem, "device": f"{dev.platform}:{dev.device_kind}",
+                "jax": jax.__version__}
 
     holder = {"state": state}
     del state
@@ -331,7 +339,7 @@ def run_torch_child(args) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t = None
-    if args.compare_torch:
+    if args.compare_torch and not args.memory_only:
         # PyTorch first, while this process has not started JAX's backend: on a GPU, JAX
         # reserves most of the memory for its lifetime, which would starve the child.
         if args.dtype != "float32":

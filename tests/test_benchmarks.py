@@ -73,6 +73,17 @@ def test_train_step_with_torch_comparison():
     assert r["speedup_vs_torch"] == pytest.approx(r["torch_iter_s_median"] / r["iter_s_median"], rel=1e-2)
 
 
+def test_train_step_memory_only_compiles_without_running():
+    """--memory_only: XLA's memory analysis of the compiled iteration, no timing fields; remat needs fewer temporaries."""
+    base = ["--setting", "tiny", "--batch", "4", "--T", "2", "--memory_only", "--compilation_cache", CACHE]
+    (plain,), _ = _run("benchmarks.train_step", *base)
+    (remat,), _ = _run("benchmarks.train_step", *base, "--remat")
+    assert plain["memory_only"] and "iter_s_median" not in plain and "peak_mem_gb" not in plain
+    _positive(plain, "xla_temp_gb", "xla_argument_gb", "xla_output_gb")
+    assert (plain["remat"], remat["remat"], plain["T"]) == (False, True, 2)
+    assert remat["xla_temp_gb"] < plain["xla_temp_gb"]
+
+
 def test_unroll_memory_table():
     records, stdout = _run("benchmarks.unroll_memory", "--setting", "tiny", "--batch", "2", "--Ts", "1",
                            "--remat_modes", "off,on,loop", "--iters", "1", "--compilation_cache", CACHE)
