@@ -1,7 +1,10 @@
-"""The configuration of one training run: its keys, their defaults, and their validation.
+"""The configuration of one training run: its keys, their defaults, and what it resolves to.
 
 Every experiment config (`experiments/configs/*.py`) starts from `base_config()`
-and overrides what its task needs. The keys, with their meaning:
+and overrides what its task needs. `resolve(config)` checks it and returns the frozen
+`RunSpec` (the step's `BilevelConfig`, the sources, the target, the `DataSpec` and the
+`Schedule`): the only reading of a config; the loop and the tools take the `RunSpec`.
+The keys, with their meaning:
 
 Data
   dataset            "tfds:NAME" (prepared tfds dataset under data_dir), "folder:PATH"
