@@ -167,8 +167,8 @@ def meta_markdown(run: Path, moved: dict, history: Sequence[dict], every: int = 
              f"(relative change {moved['relative_change']:.3g}) in {moved['steps']} steps.", "",
              "| group | initial norm | change norm | relative |", "|---|---|---|---|"]
     for name, g in moved["groups"].items():
-        rel = g["change_norm"] / g["initial_norm"] if g["initial_norm"] else float("nan")
-        lines.append(f"| {name} | {g['initial_norm']:.4g} | {g['change_norm']:.4g} | {rel:.3g} |")
+        rel = f"{g['change_norm'] / g['initial_norm']:.3g}" if g["initial_norm"] else "— (starts at 0)"
+        lines.append(f"| {name} | {g['initial_norm']:.4g} | {g['change_norm']:.4g} | {rel} |")
     lines += ["", "| epoch | val acc | mean λ | λ min / max over pairs | meta-grad norm | outer loss | L_wfm |",
               "|---|---|---|---|---|---|---|"]
     for h in history:
