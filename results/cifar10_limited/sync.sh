@@ -4,7 +4,7 @@
 # the cells still running or not started (from each sweep.json). Commit the result.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_calib runs/c10_calib_b runs/c10_torch; do
+for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_l2tww_b runs/c10_calib runs/c10_calib_b runs/c10_torch; do
   [ -d "$root" ] || continue
   dest="results/cifar10_limited/runs/$(basename "$root")"
   find "$root" -name summary.json | while read -r s; do
@@ -21,7 +21,7 @@ python - <<'PY'
 import glob, json, os
 rows = []
 grid = [(m, s) for m in ("scratch", "fm_one_to_one", "lwf_at", "lwf", "at", "l2t_ww") for s in (0, 1, 2)]
-ROOTS = ("runs/c10", "runs/c10_b", "runs/c10_l2tww")  # a cell may have run in any of the sweep roots
+ROOTS = ("runs/c10", "runs/c10_b", "runs/c10_l2tww", "runs/c10_l2tww_b")  # a cell may have run in any of the sweep roots
 def last_epoch(d):
     p = os.path.join(d, "metrics.jsonl")
     if not os.path.exists(p):
