@@ -144,15 +144,19 @@ class BilevelConfig:
         reference) or "single" (only by the real step).
       remat: rematerialise each look-ahead step in the backward pass (less memory).
       unroll: trace the T look-ahead steps as straight-line code instead of a
-        `lax.scan` loop (only when remat is off): XLA then keeps no stacked per-step
-        buffers and can schedule across steps (faster and smaller; the README's
-        "Speed and memory" has the measurements). With remat the steps stay a
-        loop, because unrolled, XLA's scheduler undoes the memory saving. Compile
+        `lax.scan` loop (only when remat is off and hvp is "reverse"): XLA then
+        keeps no stacked per-step buffers and can schedule across steps (faster and
+        smaller; the README's "Speed and memory" has the measurements). With remat
+        or hvp="mixed" the steps stay a loop: both recompute a step's forward in the
+        backward pass, and in straight-line code XLA's CPU compiler (which drops
+        optimization barriers before scheduling) merges that recomputation with the
+        forward and keeps every step's activations, undoing the saving. Compile
         time grows with T.
       hvp: how the meta-gradient differentiates each step's inner gradient
         (`inner_value_and_grad`): "reverse" (reverse over reverse) or "mixed" (a
         custom VJP computing forward-over-reverse Hessian-vector products, which
-        keeps no inner backward residuals). Equal up to rounding.
+        keeps no inner backward residuals, so the look-ahead's memory does not grow
+        with T). Equal up to rounding.
       lwf_weight: > 0 adds LwF's distillation term (that weight) through an extra head
         θ["lwf_head"] predicting the source's classes (0: off).
       lwf_temperature: LwF's softmax temperature τ.
@@ -193,8 +197,8 @@ class BilevelConfig:
 
     @property
     def unrolled(self) -> bool:
-        """Whether the look-ahead steps are traced without a loop (`unroll`, and remat off)."""
-        return self.unroll and not self.remat
+        """Whether the look-ahead steps are traced without a loop (`unroll`, remat off, hvp "reverse")."""
+        return self.unroll and not self.remat and self.hvp == "reverse"
 
     @property
     def uses_source(self) -> bool:
@@ -412,7 +416,12 @@ def inner_value_and_grad(
         return value_and_grad(t, m, c), (t, m, c)
 
     def bwd(res, cotangent):
-        t, m, c = res
+        # One barrier over the residuals and the cotangent: the forward recomputation
+        # below then (a) cannot be merged with `fwd`'s identical forward by common-
+        # subexpression elimination and (b) cannot be scheduled before this step's
+        # cotangent exists. Either would keep every step's activations alive from the
+        # look-ahead's forward to its backward, which this mode exists to avoid.
+        (t, m, c), cotangent = lax.optimization_barrier((res, cotangent))
         (loss_bar, _), v = cotangent  # aux (BN statistics) carries no gradient
         grad_fn = jax.grad(loss_only, argnums=(0, 1))
         zeros_m = jax.tree.map(jnp.zeros_like, m)

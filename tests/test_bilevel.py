@@ -345,6 +345,7 @@ def test_unrolled_lookahead_gives_the_same_meta_gradient(scheme):
     assert not has_loop(cfg)
     assert has_loop(rolled)
     assert has_loop(dataclasses.replace(cfg, remat=True))  # remat keeps the loop (its memory saving)
+    assert has_loop(dataclasses.replace(cfg, hvp="mixed"))  # so does mixed mode (ditto)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -378,3 +379,27 @@ def test_mixed_mode_train_step_equals_reverse():
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ma["meta_grad_norm"], mb["meta_grad_norm"], rtol=1e-12)
+
+
+def _meta_grad_temp_bytes(cfg, state, sv, x, y) -> int:
+    """XLA's temporaries for the compiled meta-gradient (compiled, never run)."""
+    src_feats = bilevel.source_features(SOURCE, sv, x)
+    fn = jax.jit(jax.grad(lambda phi: bilevel.lookahead_loss(
+        phi, state.params, state.opt_state, state.batch_stats, x, y, src_feats, model=TARGET, cfg=cfg)[0]))
+    return fn.lower(state.meta_params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_mixed_mode_memory_does_not_grow_with_T():
+    """Mixed mode's point: the look-ahead keeps no per-step activations, so the meta-
+    gradient's temporaries at T = 4 stay near T = 1's, while reverse over reverse (the
+    control: it must grow, or this test could not see a regression) keeps every step's.
+    A batch of 32 at 16x16 makes activations dominate the parameters."""
+    base = _setup(T=1)[0]
+    _, state, sv, _, _ = _setup()
+    x = jax.random.normal(jax.random.key(7), (32, 16, 16, 3), F64)
+    y = jnp.arange(32) % 3
+    temp = {(hvp, T): _meta_grad_temp_bytes(dataclasses.replace(base, T=T, hvp=hvp), state, sv, x, y)
+            for hvp in ("reverse", "mixed") for T in (1, 4)}
+    assert temp["reverse", 4] > 2.5 * temp["reverse", 1], temp
+    assert temp["mixed", 4] < 1.4 * temp["mixed", 1], temp
+    assert temp["mixed", 4] < 0.5 * temp["reverse", 4], temp
