@@ -180,7 +180,6 @@ def evaluate(
         x = resize_images(x, resize)
 
     model = get_model(model_name, found, conv_impl=conv_impl)
-    apply = jax.jit(lambda v, xb: model.apply(v, xb, train=False)[0])  # only traced, for the shape check
     h, w = x.shape[1:3]
     if batch_size is None:
         batch_size = 256 if max(h, w) <= 64 else 32
@@ -188,7 +187,8 @@ def evaluate(
         raise EvaluationError(f"--batch_size must be positive, got {batch_size}")
     batch_size = min(batch_size, len(x))
     try:
-        jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((batch_size, h, w, 3), np.float32))
+        jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False)[0], variables,
+                       jax.ShapeDtypeStruct((batch_size, h, w, 3), np.float32))
     except ValueError as e:
         hint = f" (use --resize={model_info(model_name).image_size} to resize them)" if (h, w) != (model_info(model_name).image_size,) * 2 else ""
         raise EvaluationError(f"{model_name} cannot take {h}x{w} images: {e}{hint}") from None

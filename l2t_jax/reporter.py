@@ -116,11 +116,8 @@ class Reporter:
 
     def open(self, keep_bytes: int) -> None:
         """Starts writing: metrics.jsonl cut to its first `keep_bytes` bytes (0: a fresh run), TensorBoard rebuilt."""
-        if keep_bytes == 0:
-            self.metrics_path.write_bytes(b"")
-        else:
-            with open(self.metrics_path, "a+b") as f:  # drop lines written after the checkpoint resumed from
-                f.truncate(keep_bytes)
+        with open(self.metrics_path, "a+b") as f:  # drop lines written after the checkpoint resumed from
+            f.truncate(keep_bytes)
         self._tb = open_tensorboard(self.tb_dir, read_metrics(self.metrics_path), self.steps_per_epoch, self.has_meta)
 
     @property

@@ -721,7 +721,7 @@ def resolve(config: ml_collections.ConfigDict, *, pending: Collection[str] = ())
         progress_bar=bool(config.progress_bar),
     )
     record = to_plain(config)
-    record.update({k: resolved_value for k, resolved_value in method_values(config).items()})
+    record.update(method_values(config))
     return RunSpec(
         method=config.method, resolved=resolved, seed=int(config.seed), bilevel=bilevel_config,
         sources=resolved.sources, target=TargetSpec(config.target_model, config.target_weights, config.conv_impl),
