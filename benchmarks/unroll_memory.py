@@ -39,11 +39,12 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from l2t_jax.bilevel import BilevelConfig
 from benchmarks.common import gb, log, rounded
 
 #: mode -> (remat, unroll, hvp) of the child's BilevelConfig
 MODES = {"off": (False, True, "reverse"), "on": (True, True, "reverse"), "loop": (False, False, "reverse"),
-         "mixed": (False, True, "mixed"), "mixed_loop": (False, False, "mixed")}
+         "mixed": (False, True, "mixed")}  # mixed mode's look-ahead is always a loop (BilevelConfig.unrolled)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--Ts", default="1,2,4,8", help="comma-separated unroll lengths")
     p.add_argument("--remat_modes", default="off,on",
                    help="comma-separated subset of off,on,loop (reverse-over-reverse meta-gradient), "
-                        "mixed,mixed_loop (hvp='mixed', unrolled / as a loop)")
+                        "mixed (hvp='mixed', its look-ahead a loop)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations per configuration (after a warm-up)")
     p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -117,7 +118,7 @@ def measure(args, T: int, mode: str) -> dict:
         cmd += ["--compilation_cache", args.compilation_cache]
     rc, text, maxrss, wall = run_child(cmd, args.timeout)
     row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "remat": remat,
-           "unroll": unroll and not remat, "hvp": hvp, "mode": mode}
+           "unroll": BilevelConfig(remat=remat, unroll=unroll, hvp=hvp).unrolled, "hvp": hvp, "mode": mode}
     if rc != 0:
         why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
         log(f"T={T} mode={mode}: child failed: {why}")
@@ -148,7 +149,7 @@ def measure(args, T: int, mode: str) -> dict:
 
 
 def _mode_label(r: dict) -> str:
-    return {"off": "off (unrolled)", "on": "remat", "loop": "off (loop)"}.get(r.get("mode", ""), str(r.get("mode")))
+    return {"off": "off (unrolled)", "on": "remat", "loop": "off (loop)", "mixed": "mixed (loop)"}.get(r.get("mode", ""), str(r.get("mode")))
 
 
 def _fmt(v, spec: str) -> str:

@@ -86,9 +86,9 @@ def test_train_step_memory_only_compiles_without_running():
 
 def test_unroll_memory_table():
     records, stdout = _run("benchmarks.unroll_memory", "--setting", "tiny", "--batch", "2", "--Ts", "1",
-                           "--remat_modes", "off,on,loop", "--iters", "1", "--compilation_cache", CACHE)
+                           "--remat_modes", "off,on,loop,mixed", "--iters", "1", "--compilation_cache", CACHE)
     assert [(r["T"], r["mode"], r["remat"], r["unroll"]) for r in records] == [
-        (1, "off", False, True), (1, "on", True, False), (1, "loop", False, False)]
+        (1, "off", False, True), (1, "on", True, False), (1, "loop", False, False), (1, "mixed", False, False)]
     for r in records:
         assert "error" not in r, r
         _positive(r, "iter_s_median", "peak_mem_gb", "child_max_rss_gb")
