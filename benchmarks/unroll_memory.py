@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 from benchmarks import common
-from l2t_jax.bilevel import BilevelConfig
 from benchmarks.common import gb, log, rounded
+from l2t_jax.bilevel import BilevelConfig
 
 #: mode -> (remat, unroll, hvp) of the child's BilevelConfig
 MODES = {"off": (False, True, "reverse"), "on": (True, True, "reverse"), "loop": (False, False, "reverse"),
