@@ -97,6 +97,29 @@ def test_unroll_memory_table():
     assert len(table) == 2 + len(records)
 
 
+def test_unroll_memory_times_the_torch_twin_beside_jax_and_resumes(tmp_path):
+    """Mode "torch" puts the PyTorch twin in the same table; --out keeps finished rows for a rerun."""
+    pytest.importorskip("torch", reason="mode torch needs PyTorch (pip install -e .[torch])")
+    out = tmp_path / "table.json"
+    args = ("--setting", "tiny", "--batch", "2", "--Ts", "1", "--remat_modes", "off,torch", "--iters", "1",
+            "--torch_threads", "1", "--compilation_cache", CACHE, "--out", str(out))
+    records, stdout = _run("benchmarks.unroll_memory", *args)
+    assert [(r["T"], r["mode"]) for r in records] == [(1, "off"), (1, "torch")]
+    jax_row, torch_row = json.loads(out.read_text())["rows"]
+    _positive(torch_row, "iter_s_median", "peak_mem_gb", "child_max_rss_gb")
+    assert torch_row["torch_mode"] == "adjoint" and torch_row["xla_temp_gb"] is None
+    assert jax_row["speedup_vs_torch"] == pytest.approx(torch_row["iter_s_median"] / jax_row["iter_s_median"], rel=1e-2)
+    assert jax_row["peak_vs_torch"] == pytest.approx(jax_row["peak_mem_gb"] / torch_row["peak_mem_gb"], rel=1e-2)
+    assert "PyTorch" in stdout
+    # the rerun measures nothing again: same rows, same times
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.unroll_memory", *args],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("kept from") == 2
+    again = json.loads(out.read_text())["rows"]
+    assert [r["iter_s_all"] for r in again] == [jax_row["iter_s_all"], torch_row["iter_s_all"]]
+
+
 def test_torch_twin_computes_the_same_iteration_as_l2t_jax():
     """The PyTorch baseline is a like-for-like comparison: float64, same initial state, same results."""
     pytest.importorskip("torch", reason="the PyTorch twin needs PyTorch (pip install -e .[torch])")
