@@ -416,12 +416,16 @@ def inner_value_and_grad(
         return value_and_grad(t, m, c), (t, m, c)
 
     def bwd(res, cotangent):
-        # One barrier over the residuals and the cotangent: the forward recomputation
-        # below then (a) cannot be merged with `fwd`'s identical forward by common-
-        # subexpression elimination and (b) cannot be scheduled before this step's
-        # cotangent exists. Either would keep every step's activations alive from the
-        # look-ahead's forward to its backward, which this mode exists to avoid.
-        (t, m, c), cotangent = lax.optimization_barrier((res, cotangent))
+        # No optimization barrier here: what keeps the steps' activations from living
+        # from the look-ahead's forward to its backward is the loop (the look-ahead is a
+        # `lax.scan` in this mode, `BilevelConfig.unrolled`), whose transpose recomputes
+        # each step inside its own iteration. A `lax.optimization_barrier` over
+        # (res, cotangent) made no difference on XLA's CPU backend at T >= 2 (stl10,
+        # batch 128, temporaries with and without it: 2.071 and 2.076 GB at T = 2,
+        # 2.281 and 2.286 GB at T = 8) and doubled them where XLA inlines a one-step
+        # loop (T = 1 in tests/test_bilevel.py's memory test: 4.98 against 2.62 MB),
+        # as it stops the recomputed forward from merging with `fwd`'s identical one.
+        t, m, c = res
         (loss_bar, _), v = cotangent  # aux (BN statistics) carries no gradient
         grad_fn = jax.grad(loss_only, argnums=(0, 1))
         zeros_m = jax.tree.map(jnp.zeros_like, m)

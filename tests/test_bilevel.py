@@ -391,15 +391,17 @@ def _meta_grad_temp_bytes(cfg, state, sv, x, y) -> int:
 
 def test_mixed_mode_memory_does_not_grow_with_T():
     """Mixed mode's point: the look-ahead keeps no per-step activations, so the meta-
-    gradient's temporaries at T = 4 stay near T = 1's, while reverse over reverse (the
+    gradient's temporaries at T = 8 stay at T = 2's, while reverse over reverse (the
     control: it must grow, or this test could not see a regression) keeps every step's.
-    A batch of 32 at 16x16 makes activations dominate the parameters."""
+    A batch of 32 at 16x16 makes activations dominate the parameters. T = 2 is the
+    base, not T = 1: XLA inlines a one-step loop, and then merges the recomputed
+    forward with the look-ahead's (fewer temporaries, not a property of the mode)."""
     base = _setup(T=1)[0]
     _, state, sv, _, _ = _setup()
     x = jax.random.normal(jax.random.key(7), (32, 16, 16, 3), F64)
     y = jnp.arange(32) % 3
     temp = {(hvp, T): _meta_grad_temp_bytes(dataclasses.replace(base, T=T, hvp=hvp), state, sv, x, y)
-            for hvp in ("reverse", "mixed") for T in (1, 4)}
-    assert temp["reverse", 4] > 2.5 * temp["reverse", 1], temp
-    assert temp["mixed", 4] < 1.4 * temp["mixed", 1], temp
-    assert temp["mixed", 4] < 0.5 * temp["reverse", 4], temp
+            for hvp, Ts in (("reverse", (2, 4)), ("mixed", (2, 8))) for T in Ts}
+    assert temp["reverse", 4] > 1.8 * temp["reverse", 2], temp
+    assert temp["mixed", 8] < 1.1 * temp["mixed", 2], temp
+    assert temp["mixed", 8] < 0.5 * temp["reverse", 4], temp
