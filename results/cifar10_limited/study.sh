@@ -11,6 +11,7 @@
 #   SEEDS=1 bash results/cifar10_limited/study.sh n25_l2tww   # ... only seed 1, while
 #   bash results/cifar10_limited/study.sh n25_l2tww_b    # L2T-ww seed 2 runs in a second root beside it
 #   bash results/cifar10_limited/study.sh torch_scratch  # scratch in PyTorch (the protocol check)
+#   bash results/cifar10_limited/study.sh n25_metalr     # L2T-ww at meta_lr 1e-3 (the investigation), seed 0
 #   bash results/cifar10_limited/study.sh n50            # N = 50: scratch, FM 1-1, LwF+AT, L2T-ww first
 #
 # Each command is one sweep under `nice`, one run at a time; on the 2-core CPU at most two
@@ -38,6 +39,9 @@ case "${1:-n25}" in
   n25_l2tww_b)  # L2T-ww seed 2 in a second root, so that two L2T-ww seeds share the 2 cores
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10_l2tww_b --grid n_per_class=25 \
       --grid "method=l2t_ww" --grid seed=2 ;;
+  n25_metalr)  # L2T-ww with Adam 1e-3 on φ (the authors' Stanford40 setting, their issue #4): does φ move, does it help?
+    exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10_metalr --grid n_per_class=25 \
+      --grid "method=l2t_ww" --grid meta_lr=1e-3 --grid "seed=${SEEDS:-0}" ;;
   torch_scratch)  # the authors' VGG9-bn in PyTorch, scratch, the same splits and batches: seeds 0, 1, 2
     for s in 0 1 2; do
       nice -n 5 python -m experiments.torch_scratch "${COMMON[@]::4}" --config.n_per_class=25 \
@@ -48,5 +52,5 @@ case "${1:-n25}" in
       --grid "method=scratch,fm_one_to_one,lwf_at,l2t_ww" --grid seed=0,1,2
     exec nice -n 5 python -m experiments.sweep "${COMMON[@]}" --workdir=runs/c10 --grid n_per_class=50 \
       --grid "method=lwf,at" --grid seed=0,1,2 ;;
-  *) echo "usage: $0 calib|n25|n25_at|n25_l2tww|n25_l2tww_b|torch_scratch|n50" >&2; exit 2 ;;
+  *) echo "usage: $0 calib|n25|n25_at|n25_l2tww|n25_l2tww_b|n25_metalr|torch_scratch|n50" >&2; exit 2 ;;
 esac

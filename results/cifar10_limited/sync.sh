@@ -16,6 +16,16 @@ for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_l2tww_b runs/c10_calib r
   done
   if [ -f "$root/sweep.json" ]; then mkdir -p "$dest" && cp "$root/sweep.json" "$dest/sweep.json"; fi
 done
+# The meta_lr investigation: also an unfinished cell's metrics.jsonl (λ, meta-gradient norms per epoch).
+if [ -d runs/c10_metalr ]; then
+  find runs/c10_metalr -name metrics.jsonl | while read -r m; do
+    cell=$(dirname "${m#runs/c10_metalr/}")
+    mkdir -p "results/cifar10_limited/runs/c10_metalr/$cell"
+    for f in summary.json metrics.jsonl config.json; do
+      if [ -f "runs/c10_metalr/$cell/$f" ]; then cp "runs/c10_metalr/$cell/$f" "results/cifar10_limited/runs/c10_metalr/$cell/$f"; fi
+    done
+  done
+fi
 # STATUS.md: every cell of the study, finished or not, from the work directories.
 python - <<'PY'
 import glob, json, os
@@ -53,6 +63,16 @@ for s in (0, 1, 2):
                    f"({jb['best_val_acc']:.1f}) | {ja['last_test_acc']:.2f} | {jb['last_test_acc']:.2f} |")
     else:
         out.append(f"| {s} | {'finished' if os.path.exists(a) else 'pending'} | {'finished' if os.path.exists(b) else 'pending'} | | |")
+out += ["", "## Investigation: L2T-ww with meta_lr 1e-3 (`study.sh n25_metalr`)", "",
+        "| seed | status | best val (epoch) | test at best val | last test | wall time |", "|---|---|---|---|---|---|"]
+for d in sorted(glob.glob("runs/c10_metalr/**/seed=*", recursive=True)):
+    s = d.rsplit("=", 1)[1]
+    if os.path.exists(f"{d}/summary.json"):
+        j = json.load(open(f"{d}/summary.json"))
+        out.append(f"| {s} | finished | {j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} "
+                   f"| {j['last_test_acc']:.2f} | {j['wall_time_s'] / 60:.0f} min |")
+    else:
+        out.append(f"| {s} | running or interrupted: epoch {last_epoch(d)}/200 | | | |")
 open("results/cifar10_limited/STATUS.md", "w").write("\n".join(out) + "\n")
 print("\n".join(out))
 PY
