@@ -416,16 +416,17 @@ def inner_value_and_grad(
         return value_and_grad(t, m, c), (t, m, c)
 
     def bwd(res, cotangent):
-        # No optimization barrier here: what keeps the steps' activations from living
-        # from the look-ahead's forward to its backward is the loop (the look-ahead is a
-        # `lax.scan` in this mode, `BilevelConfig.unrolled`), whose transpose recomputes
-        # each step inside its own iteration. A `lax.optimization_barrier` over
-        # (res, cotangent) made no difference on XLA's CPU backend at T >= 2 (stl10,
-        # batch 128, temporaries with and without it: 2.071 and 2.076 GB at T = 2,
-        # 2.281 and 2.286 GB at T = 8) and doubled them where XLA inlines a one-step
-        # loop (T = 1 in tests/test_bilevel.py's memory test: 4.98 against 2.62 MB),
-        # as it stops the recomputed forward from merging with `fwd`'s identical one.
-        t, m, c = res
+        # One barrier over the residuals and the cotangent: the forward recomputation
+        # below then cannot be merged with `fwd`'s identical forward by common-
+        # subexpression elimination, nor be scheduled before this step's cotangent
+        # exists; either would keep activations alive from the look-ahead's forward to
+        # its backward. The look-ahead is a loop in this mode (`BilevelConfig.unrolled`),
+        # which bounds memory by itself; the barrier saves a little more on XLA's CPU
+        # backend (XLA temporaries with and without it: cub200 batch 64 T = 2, 12.72 and 13.25
+        # GB; stl10 batch 128, 2.18 and 2.19 GB at T = 1, 2.07 and 2.08 at T = 2, 2.28
+        # and 2.29 at T = 8). On a toy network at T = 1 it costs instead (4.98 against
+        # 2.62 MB in tests/test_bilevel.py's memory test, which therefore starts at T = 2).
+        (t, m, c), cotangent = lax.optimization_barrier((res, cotangent))
         (loss_bar, _), v = cotangent  # aux (BN statistics) carries no gradient
         grad_fn = jax.grad(loss_only, argnums=(0, 1))
         zeros_m = jax.tree.map(jnp.zeros_like, m)
