@@ -120,6 +120,26 @@ def test_unroll_memory_times_the_torch_twin_beside_jax_and_resumes(tmp_path):
     assert [r["iter_s_all"] for r in again] == [jax_row["iter_s_all"], torch_row["iter_s_all"]]
 
 
+def test_plain_step_variants_beside_torch(tmp_path):
+    """Each lowering variant in its own child; the same weights and batch, so the same first loss."""
+    pytest.importorskip("torch", reason="--compare_torch needs PyTorch (pip install -e .[torch])")
+    out = tmp_path / "plain.json"
+    records, stdout = _run("benchmarks.plain_step", "--setting", "tiny", "--batch", "4", "--iters", "2",
+                           "--variants", "default,xla_conv", "--compare_torch", "--torch_threads", "1",
+                           "--compilation_cache", CACHE, "--out", str(out))
+    assert [r["variant"] for r in records] == ["default", "xla_conv", "torch"]
+    default, xla, torch_row = records
+    for r in records:
+        assert "error" not in r, r
+        _positive(r, "step_s_median", "peak_mem_gb")
+    assert (default["conv_impl"], xla["conv_impl"]) == ("auto", "xla")
+    # two lowerings of the same convolutions: the same loss up to float32 rounding
+    assert xla["loss_rel_diff"] < 1e-5 and default["loss_rel_diff"] == 0.0
+    assert xla["speedup_vs_torch"] == pytest.approx(torch_row["step_s_median"] / xla["step_s_median"], rel=1e-2)
+    assert json.loads(out.read_text())["rows"] == records
+    assert len([line for line in stdout.splitlines() if line.startswith("|")]) == 2 + len(records)
+
+
 def test_torch_twin_computes_the_same_iteration_as_l2t_jax():
     """The PyTorch baseline is a like-for-like comparison: float64, same initial state, same results."""
     pytest.importorskip("torch", reason="the PyTorch twin needs PyTorch (pip install -e .[torch])")
