@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import subprocess
-import time
 import sys
 from pathlib import Path
 
@@ -87,7 +86,7 @@ def child_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.train_step import make_plain_step
+    from benchmarks.train_step import compiled_plain_step
     from l2t_jax.models import get_model
 
     if args.compilation_cache:
@@ -106,16 +105,7 @@ def child_jax(args) -> dict:
         return v["params"], v["batch_stats"], x, y
 
     params, stats, x, y = jax.jit(init)(jax.random.key(args.seed, impl="rbg"))
-    tx, step = make_plain_step(model, jnp.float32)
-    state = {"p": params, "bs": stats, "opt": tx.init(params)}
-    t0 = time.perf_counter()
-    compiled = step.lower(state["p"], state["bs"], state["opt"], x, y).compile()
-    compile_s = time.perf_counter() - t0
-
-    def one():
-        state["p"], state["bs"], state["opt"], loss = compiled(state["p"], state["bs"], state["opt"], x, y)
-        return loss
-
+    one, compile_s = compiled_plain_step(model, jnp.float32, {"params": params, "batch_stats": stats}, x, y)
     first_loss = float(one())
     common.trim_heap()
     with common.RssSampler() as sampler:

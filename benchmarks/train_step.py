@@ -179,6 +179,25 @@ def make_plain_step(model, dtype):
     return tx, jax.jit(step, donate_argnums=(0, 1, 2))
 
 
+def compiled_plain_step(model, dtype, variables, x, y):
+    """(call, compile seconds): `call()` runs one plain SGD step from the state it holds, returns the loss.
+
+    The step is `make_plain_step`'s, compiled ahead of time for `variables` (params,
+    batch_stats) and the batch (x, y); each call donates and replaces the held state.
+    """
+    tx, step = make_plain_step(model, dtype)
+    state = {"p": variables["params"], "bs": variables["batch_stats"], "opt": tx.init(variables["params"])}
+    t0 = time.perf_counter()
+    compiled = step.lower(state["p"], state["bs"], state["opt"], x, y).compile()
+    compile_s = time.perf_counter() - t0
+
+    def call():
+        state["p"], state["bs"], state["opt"], loss = compiled(state["p"], state["bs"], state["opt"], x, y)
+        return loss
+
+    return call, compile_s
+
+
 def run_jax(args) -> dict:
     import flax
     import jax
@@ -269,18 +288,7 @@ def run_jax(args) -> dict:
 
     # --- the plain step
     if not args.no_plain:
-        tx, plain = make_plain_step(models.target, jnp.dtype(args.dtype))
-        v = target_vars()
-        pstate = {"p": v["params"], "bs": v["batch_stats"], "opt": tx.init(v["params"])}
-        del v
-        t0 = time.perf_counter()
-        plain_c = plain.lower(pstate["p"], pstate["bs"], pstate["opt"], x, y).compile()
-        plain_compile_s = time.perf_counter() - t0
-
-        def one_plain():
-            pstate["p"], pstate["bs"], pstate["opt"], l = plain_c(pstate["p"], pstate["bs"], pstate["opt"], x, y)
-            return l
-
+        one_plain, plain_compile_s = compiled_plain_step(models.target, jnp.dtype(args.dtype), target_vars(), x, y)
         jax.block_until_ready(one_plain())
         log(f"plain step compiled in {plain_compile_s:.1f} s; timing {max(args.iters, 3)} plain steps")
         ptimes = common.time_calls(one_plain, max(args.iters, 3), jax.block_until_ready)

@@ -114,6 +114,21 @@ def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, int, flo
     return proc.returncode, text, maxrss, wall
 
 
+def run_row_child(cmd: list[str], timeout: float | None, row: dict) -> dict | None:
+    """Runs a row's child; puts its max RSS and wall time in `row`, and on failure its error.
+
+    Returns the child's JSON record, or None when it failed (the row then says why).
+    """
+    rc, text, maxrss, wall = run_child(cmd, timeout)
+    row.update(child_max_rss_gb=gb(maxrss), child_wall_s=rounded(wall, 1))
+    if rc == 0:
+        return common.parse_last_json(text)
+    why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
+    log(f"T={row['T']} mode={row['mode']}: child failed: {why}")
+    row.update(error=why, exit_code=rc)
+    return None
+
+
 def measure_torch(args, T: int) -> dict:
     """The PyTorch twin's iteration at this T, in its own child process."""
     cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--setting", args.setting, "--batch", str(args.batch),
@@ -122,21 +137,16 @@ def measure_torch(args, T: int) -> dict:
         cmd += ["--pairs", args.pairs]
     if args.torch_threads:
         cmd += ["--threads", str(args.torch_threads)]
-    rc, text, maxrss, wall = run_child(cmd, args.timeout)
     row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "mode": TORCH}
-    if rc != 0:
-        why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
-        log(f"T={T} mode={TORCH}: child failed: {why}")
-        row.update(error=why, exit_code=rc, child_max_rss_gb=gb(maxrss), child_wall_s=rounded(wall, 1))
+    r = run_row_child(cmd, args.timeout, row)
+    if r is None:
         return row
-    r = common.parse_last_json(text)
     row.update(
         iter_s_median=r["torch_iter_s_median"],
         iter_s_all=r["torch_iter_s_all"],
         compile_s=None,
         peak_mem_gb=r["torch_peak_mem_gb"],
         peak_mem_source=r["torch_peak_mem_source"],
-        child_max_rss_gb=gb(maxrss),
         baseline_rss_gb=r.get("torch_baseline_rss_gb"),
         xla_temp_gb=None,
         iters=r["iters"],
@@ -146,7 +156,6 @@ def measure_torch(args, T: int) -> dict:
         device=r["device"],
         torch=r.get("torch"),
         loadavg_1m=r.get("loadavg_1m"),
-        child_wall_s=rounded(wall, 1),
     )
     return row
 
@@ -169,22 +178,17 @@ def measure(args, T: int, mode: str) -> dict:
         cmd += ["--pairs", args.pairs]
     if args.compilation_cache:
         cmd += ["--compilation_cache", args.compilation_cache]
-    rc, text, maxrss, wall = run_child(cmd, args.timeout)
     row = {"benchmark": "unroll_memory", "setting": args.setting, "batch": args.batch, "T": T, "remat": remat,
            "unroll": BilevelConfig(remat=remat, unroll=unroll, hvp=hvp).unrolled, "hvp": hvp, "mode": mode}
-    if rc != 0:
-        why = "killed (timeout or out of memory?)" if rc < 0 else f"exit code {rc}"
-        log(f"T={T} mode={mode}: child failed: {why}")
-        row.update(error=why, exit_code=rc, child_max_rss_gb=gb(maxrss), child_wall_s=rounded(wall, 1))
+    r = run_row_child(cmd, args.timeout, row)
+    if r is None:
         return row
-    r = common.parse_last_json(text)
     row.update(
         iter_s_median=r["iter_s_median"],
         iter_s_all=r["iter_s_all"],
         compile_s=r["compile_s"],
         peak_mem_gb=r["peak_mem_gb"],
         peak_mem_source=r["peak_mem_source"],
-        child_max_rss_gb=gb(maxrss),
         baseline_rss_gb=r.get("baseline_rss_gb"),
         rss_before_iters_gb=r.get("rss_before_iters_gb"),
         xla_temp_gb=r.get("xla_temp_gb"),
@@ -196,7 +200,6 @@ def measure(args, T: int, mode: str) -> dict:
         device=r["device"],
         jax=r["jax"],
         loadavg_1m=r.get("loadavg_1m"),
-        child_wall_s=rounded(wall, 1),
     )
     return row
 
@@ -265,7 +268,9 @@ def finished_rows(args) -> dict[tuple[int, str], dict]:
     if doc.get("settings") != _same_settings(args):
         log(f"{args.out}: written with other settings ({doc.get('settings')}); it will be overwritten")
         return {}
-    return {(r["T"], r["mode"]): r for r in doc.get("rows", []) if "error" not in r}
+    derived = ("speedup_vs_torch", "peak_vs_torch")  # recomputed from this run's rows by add_torch_ratios
+    return {(r["T"], r["mode"]): {k: v for k, v in r.items() if k not in derived}
+            for r in doc.get("rows", []) if "error" not in r}
 
 
 def write_out(args, rows: list[dict]) -> None:
@@ -287,7 +292,7 @@ def main(argv=None) -> list[dict]:
     for i, (T, mode) in enumerate(configs, 1):
         if (T, mode) in done:
             log(f"[{i}/{len(configs)}] T={T} mode={mode}: kept from {args.out}")
-            row = {k: v for k, v in done[T, mode].items() if k not in ("speedup_vs_torch", "peak_vs_torch")}
+            row = done[T, mode]
         else:
             log(f"[{i}/{len(configs)}] T={T} mode={mode}")
             row = measure(args, T, mode)

@@ -4,10 +4,11 @@
 # the cells still running or not started (from each sweep.json). Commit the result.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_l2tww_b runs/c10_calib runs/c10_calib_b runs/c10_torch; do
-  [ -d "$root" ] || continue
+copy_cells() {  # copy_cells ROOT MARKER: every cell of ROOT holding MARKER, with its outputs, and the sweep record
+  local root=$1 marker=$2 dest
+  [ -d "$root" ] || return 0
   dest="results/cifar10_limited/runs/$(basename "$root")"
-  find "$root" -name summary.json | while read -r s; do
+  find "$root" -name "$marker" | while read -r s; do
     cell=$(dirname "${s#$root/}")
     mkdir -p "$dest/$cell"
     for f in summary.json metrics.jsonl config.json; do
@@ -15,17 +16,12 @@ for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_l2tww_b runs/c10_calib r
     done
   done
   if [ -f "$root/sweep.json" ]; then mkdir -p "$dest" && cp "$root/sweep.json" "$dest/sweep.json"; fi
+}
+for root in runs/c10 runs/c10_b runs/c10_l2tww runs/c10_l2tww_b runs/c10_calib runs/c10_calib_b runs/c10_torch; do
+  copy_cells "$root" summary.json  # finished cells
 done
 # The meta_lr investigation: also an unfinished cell's metrics.jsonl (λ, meta-gradient norms per epoch).
-if [ -d runs/c10_metalr ]; then
-  find runs/c10_metalr -name metrics.jsonl | while read -r m; do
-    cell=$(dirname "${m#runs/c10_metalr/}")
-    mkdir -p "results/cifar10_limited/runs/c10_metalr/$cell"
-    for f in summary.json metrics.jsonl config.json; do
-      if [ -f "runs/c10_metalr/$cell/$f" ]; then cp "runs/c10_metalr/$cell/$f" "results/cifar10_limited/runs/c10_metalr/$cell/$f"; fi
-    done
-  done
-fi
+copy_cells runs/c10_metalr metrics.jsonl
 # STATUS.md: every cell of the study, finished or not, from the work directories.
 python - <<'PY'
 import glob, json, os
@@ -38,6 +34,11 @@ def last_epoch(d):
         return None
     eps = [json.loads(l) for l in open(p) if '"kind": "epoch"' in l]
     return eps[-1]["epoch"] if eps else 0
+def finished_columns(d):
+    """best val (epoch) | test at best val | last test | wall time, from a finished cell's summary.json."""
+    j = json.load(open(f"{d}/summary.json"))
+    return (f"{j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} | {j['last_test_acc']:.2f} "
+            f"| {j['wall_time_s'] / 60:.0f} min")
 out = ["# Study status (written by sync.sh)", "",
        "N = 25, test accuracy (%) at the best validation epoch; wall time with other jobs on the 2 cores.", "",
        "| method | seed | status | best val (epoch) | test at best val | last test | wall time |", "|---|---|---|---|---|---|---|"]
@@ -46,9 +47,7 @@ for m, s in grid:
     d = next((c for c in cands if os.path.exists(f"{c}/summary.json")), None) or \
         next((c for c in cands if os.path.exists(c)), cands[0])
     if os.path.exists(f"{d}/summary.json"):
-        j = json.load(open(f"{d}/summary.json"))
-        out.append(f"| {m} | {s} | finished | {j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} "
-                   f"| {j['last_test_acc']:.2f} | {j['wall_time_s'] / 60:.0f} min |")
+        out.append(f"| {m} | {s} | finished | {finished_columns(d)} |")
     else:
         e = last_epoch(d)
         out.append(f"| {m} | {s} | {'not started' if e is None else f'running or interrupted: epoch {e}/200'} | | | | |")
@@ -68,9 +67,7 @@ out += ["", "## Investigation: L2T-ww with meta_lr 1e-3 (`study.sh n25_metalr`)"
 for d in sorted(glob.glob("runs/c10_metalr/**/seed=*", recursive=True)):
     s = d.rsplit("=", 1)[1]
     if os.path.exists(f"{d}/summary.json"):
-        j = json.load(open(f"{d}/summary.json"))
-        out.append(f"| {s} | finished | {j['best_val_acc']:.1f} ({j['best_epoch']}) | {j['test_acc_at_best_val']:.2f} "
-                   f"| {j['last_test_acc']:.2f} | {j['wall_time_s'] / 60:.0f} min |")
+        out.append(f"| {s} | finished | {finished_columns(d)} |")
     else:
         out.append(f"| {s} | running or interrupted: epoch {last_epoch(d)}/200 | | | |")
 open("results/cifar10_limited/STATUS.md", "w").write("\n".join(out) + "\n")
