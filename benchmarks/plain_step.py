@@ -2,7 +2,7 @@
 
     python -m benchmarks.plain_step [--setting stl10] [--batch 128] [--iters 5]
         [--variants default,xla_conv,im2col_single,xnnpack,onednn,...] [--compare_torch]
-        [--torch_threads N] [--timeout S] [--out FILE.json]
+        [--allocators default,thp,arena] [--torch_threads N] [--timeout S] [--out FILE.json]
 
 Our meta-iteration costs 6-9 plain steps where the authors' costs 24-26, yet on the
 2-core CPU our plain step is 1.5-1.8x slower than PyTorch's (README, "Speed and
@@ -14,6 +14,19 @@ one jitted SGD step of the setting's target (cross-entropy, PyTorch SGD, state d
 * xla_conv: XLA's convolution; im2col_single: one matmul per conv;
 * xnnpack / onednn (+ _xla_conv): XLA CPU's XNNPACK or oneDNN paths, with either lowering;
 * fast_math: `--xla_cpu_enable_fast_math=true`.
+
+Every variant (PyTorch's too) runs once per allocator setting, glibc's malloc tunables
+set in the child's environment (`GLIBC_TUNABLES`, read when a process starts):
+
+* default: glibc's defaults. XLA's CPU runtime allocates each execution's buffers
+  anew; blocks above glibc's mmap threshold, or too large for a worker thread's arena,
+  are fresh mmaps, so every step pays the kernel to fault in and zero its buffers
+  (`sys_s_per_call`, `minor_faults_per_call`). PyTorch's CPU tensors go the same way.
+* thp: `glibc.malloc.hugetlb=1` (glibc >= 2.35): malloc asks for transparent huge
+  pages, so a fresh block faults in 2 MB at a time (where the kernel's THP mode is
+  "madvise" or "always").
+* arena: one arena, no mmap, no trimming: freed blocks are reused, never faulted in
+  again (the process keeps its peak heap).
 
 Each variant runs in its own child process (XLA reads XLA_FLAGS once, when its backend
 starts); a variant whose flags this jaxlib does not know fails alone, as a row with
@@ -55,6 +68,13 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 TORCH = "torch"
 
+#: allocator setting -> GLIBC_TUNABLES for the child (see the module docstring)
+ALLOCATORS: dict[str, str] = {
+    "default": "",
+    "thp": "glibc.malloc.hugetlb=1",
+    "arena": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736",
+}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5, help="timed steps per variant (after a warm-up step)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--compare_torch", action="store_true", help="also time the PyTorch twin's plain step")
+    p.add_argument("--allocators", default="default",
+                   help=f"comma-separated subset of {','.join(ALLOCATORS)}: every variant runs under each")
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child before it is killed")
@@ -78,6 +100,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown or not args.variants:
         p.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANTS)}")
+    args.allocators = [a.strip() for a in args.allocators.split(",") if a.strip()]
+    bad = [a for a in args.allocators if a not in ALLOCATORS]
+    if bad or not args.allocators:
+        p.error(f"unknown allocator(s) {bad}; choose from {','.join(ALLOCATORS)}")
     return args
 
 
@@ -108,11 +134,12 @@ def child_jax(args) -> dict:
     one, compile_s = compiled_plain_step(model, jnp.float32, {"params": params, "batch_stats": stats}, x, y)
     first_loss = float(one())
     common.trim_heap()
-    with common.RssSampler() as sampler:
+    with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         times = common.time_calls(one, args.iters, jax.block_until_ready)
     return {"variant": args.child, "conv_impl": conv_impl, "xla_flags": flags, "step_s_median": rounded(common.median(times)),
-            "step_s_all": [rounded(t) for t in times], "compile_s": rounded(compile_s, 2), "first_loss": first_loss,
-            "peak_mem_gb": gb(sampler.peak), "jax": jax.__version__}
+            "step_s_all": [rounded(t) for t in times], **cpu.per_call(args.iters), "compile_s": rounded(compile_s, 2),
+            "first_loss": first_loss, "peak_mem_gb": gb(sampler.peak), "jax": jax.__version__,
+            "child_glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
 def child_torch(args) -> dict:
@@ -130,13 +157,13 @@ def child_torch(args) -> dict:
     step = bench.plain_step_fn()
     step()
     common.trim_heap()
-    with common.RssSampler() as sampler:
+    with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         times = common.time_calls(step, args.iters)
     return {"variant": TORCH, "step_s_median": rounded(common.median(times)), "step_s_all": [rounded(t) for t in times],
-            "peak_mem_gb": gb(sampler.peak), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+            **cpu.per_call(args.iters), "child_glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "peak_mem_gb": gb(sampler.peak), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def run_variant(args, variant: str) -> dict:
+def run_variant(args, variant: str, allocator: str = "default") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.plain_step", "--child", variant, "--setting", args.setting,
            "--batch", str(args.batch), "--iters", str(args.iters), "--seed", str(args.seed)]
     if args.compilation_cache:
@@ -146,7 +173,11 @@ def run_variant(args, variant: str) -> dict:
     env = dict(os.environ)
     if variant != TORCH and VARIANTS[variant][1]:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + VARIANTS[variant][1]).strip()
-    row = {"benchmark": "plain_step", "setting": args.setting, "batch": args.batch, "variant": variant}
+    tunables = ":".join(t for t in (env.get("GLIBC_TUNABLES", ""), ALLOCATORS[allocator]) if t)
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
+    row = {"benchmark": "plain_step", "setting": args.setting, "batch": args.batch, "variant": variant,
+           "allocator": allocator, "glibc_tunables": tunables}
     try:
         proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, timeout=args.timeout)
@@ -163,30 +194,38 @@ def run_variant(args, variant: str) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """loss_rel_diff against "default" and speedup_vs_torch / vs_default, where those rows exist."""
-    ok = {r["variant"]: r for r in rows if "error" not in r}
-    base, ref = ok.get("default"), ok.get(TORCH)
-    for r in ok.values():
+    """Per row, against rows of the same allocator setting: loss_rel_diff and time_vs_default
+    against the "default" variant, speedup_vs_torch against PyTorch's; and, for allocator
+    settings other than "default", time_vs_default_allocator against the same variant
+    under glibc's defaults."""
+    ok = {(r["variant"], r.get("allocator", "default")): r for r in rows if "error" not in r}
+    for (variant, alloc), r in ok.items():
+        base, ref = ok.get(("default", alloc)), ok.get((TORCH, alloc))
         if base is not None and "first_loss" in r:
             r["loss_rel_diff"] = abs(r["first_loss"] - base["first_loss"]) / abs(base["first_loss"])
-        if base is not None:
+        if base is not None and variant != TORCH:
             r["time_vs_default"] = rounded(r["step_s_median"] / base["step_s_median"], 3)
         if ref is not None:
             r["speedup_vs_torch"] = rounded(ref["step_s_median"] / r["step_s_median"], 3)
+        same = ok.get((variant, "default"))
+        if alloc != "default" and same is not None:
+            r["time_vs_default_allocator"] = rounded(r["step_s_median"] / same["step_s_median"], 3)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | conv_impl | XLA_FLAGS | step s (median) | vs default | speed-up vs PyTorch | peak GB | first-loss rel. diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | allocator | conv_impl | XLA_FLAGS | step s (median) | vs default | speed-up vs PyTorch "
+             "| CPU user / sys s | minor faults | peak GB | first-loss rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | | | {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['variant']} | {r.get('allocator', 'default')} | | | {r['error'][:80]} | | | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {r.get('conv_impl', '—')} | {r.get('xla_flags') or '—'} | "
-                     f"{f(r['step_s_median'], '.4f')} | {f(r.get('time_vs_default'), '.2f')} | "
-                     f"{f(r.get('speedup_vs_torch'), '.2f')} | {f(r.get('peak_mem_gb'), '.2f')} | "
-                     f"{f(r.get('loss_rel_diff'), '.1e')} |")
+        lines.append(f"| {r['variant']} | {r.get('allocator', 'default')} | {r.get('conv_impl', '—')} | "
+                     f"{r.get('xla_flags') or '—'} | {f(r['step_s_median'], '.4f')} | {f(r.get('time_vs_default'), '.2f')} | "
+                     f"{f(r.get('speedup_vs_torch'), '.2f')} | {f(r.get('user_s_per_call'), '.3f')} / "
+                     f"{f(r.get('sys_s_per_call'), '.3f')} | {r.get('minor_faults_per_call', '—')} | "
+                     f"{f(r.get('peak_mem_gb'), '.2f')} | {f(r.get('loss_rel_diff'), '.1e')} |")
     return "\n".join(lines)
 
 
@@ -196,11 +235,13 @@ def main(argv=None) -> list[dict]:
         common.emit(child_torch(args) if args.child == TORCH else child_jax(args))
         return []
     variants = args.variants + ([TORCH] if args.compare_torch else [])
-    log(f"{len(variants)} variants ({args.setting}, batch {args.batch}), one child process each")
+    runs = [(v, a) for a in args.allocators for v in variants]
+    log(f"{len(variants)} variants x {len(args.allocators)} allocator settings ({args.setting}, batch {args.batch}), "
+        "one child process each")
     rows = []
-    for i, v in enumerate(variants, 1):
-        log(f"[{i}/{len(variants)}] {v}")
-        rows.append(run_variant(args, v))
+    for i, (v, a) in enumerate(runs, 1):
+        log(f"[{i}/{len(runs)}] {v} ({a} allocator)")
+        rows.append(run_variant(args, v, a))
     add_ratios(rows)
     for r in rows:
         common.emit(r)

@@ -45,6 +45,7 @@ random source's features would blow up); l2t_jax's benchmark does the same.
 `torch.set_num_threads` is left at its default unless --threads is given.
 
 Prints ONE JSON line: torch_iter_s_median, torch_iter_s_all, torch_first_iter_s,
+torch_iter_user_s_per_call / torch_iter_sys_s_per_call / torch_iter_minor_faults_per_call,
 torch_plain_step_s_median, torch_ratio_iter_to_plain, torch_peak_mem_gb (CUDA:
 max_memory_allocated; CPU: RSS sampled during the timed iterations),
 torch_max_rss_gb, torch_threads, torch_mode, device, setting, batch, T, ...
@@ -451,7 +452,7 @@ def main(argv=None) -> dict:
     first = time.perf_counter() - t0
     log(f"warm-up iteration {first:.2f} s; timing {args.iters} iterations")
     common.trim_heap()  # as the JAX benchmark does
-    with common.RssSampler() as sampler:
+    with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         times = common.time_calls(bench.iteration, args.iters, sync)
     peak = torch.cuda.max_memory_allocated(device) if cuda else sampler.peak
     out = {
@@ -467,6 +468,7 @@ def main(argv=None) -> dict:
         "torch_iter_s_median": rounded(common.median(times)),
         "torch_iter_s_all": [rounded(t) for t in times],
         "torch_first_iter_s": rounded(first, 3),
+        **cpu.per_call(args.iters, prefix="torch_iter_"),
         "torch_peak_mem_gb": gb(peak),
         "torch_peak_mem_source": "cuda max_memory_allocated" if cuda else "sampled process RSS during timed iterations",
         "torch_baseline_rss_gb": gb(baseline),

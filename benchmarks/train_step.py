@@ -28,7 +28,10 @@ Prints ONE JSON line on stdout (progress on stderr):
   start; peak_mem_gb - rss_before_iters_gb ~ the iteration's temporaries), xla_temp_gb / xla_argument_gb /
   xla_output_gb (XLA's own memory analysis of the compiled iteration),
   device, platform, setting, models, pairs, batch, T, remat, conv_impl, dtype,
-  iters, jax / jaxlib / flax versions, host facts (cpus, load average).
+  iters, iter_user_s_per_call / iter_sys_s_per_call / iter_minor_faults_per_call (CPU
+  time and page faults per timed iteration: system time is mostly the kernel faulting in
+  and zeroing each execution's fresh buffers, see benchmarks.plain_step's allocators),
+  jax / jaxlib / flax versions, host facts (cpus, load average, GLIBC_TUNABLES, THP mode).
 With --compare_torch also the PyTorch twin (benchmarks/torch_reference.py, run in
 a child process just before the JAX measurement, on the same kind of device): torch_iter_s_median,
 torch_plain_step_s_median, torch_peak_mem_gb, ..., and speedup_vs_torch =
@@ -254,7 +257,7 @@ def run_jax(args) -> dict:
     log(f"warm-up iteration {warm_s:.2f} s; timing {args.iters} iterations")
     rss_before_trim = common.current_rss_bytes()
     common.trim_heap()  # drop what the compiler freed: the sampled peak is then the iteration's
-    with common.RssSampler() as sampler:
+    with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         rss_before_iters = sampler.peak
         times = common.time_calls(one_iteration, args.iters, jax.block_until_ready)
     iter_peak = sampler.peak
@@ -281,6 +284,7 @@ def run_jax(args) -> dict:
         "compilation_cache": args.compilation_cache,
         "iter_s_median": rounded(common.median(times)),
         "iter_s_all": [rounded(t) for t in times],
+        **cpu.per_call(args.iters, prefix="iter_"),
         # sanity: the last iteration's losses (random data: only finiteness matters)
         "last_outer_loss": rounded(float(last["outer_loss"]), 5),
         "last_loss": rounded(float(last["loss"]), 5),

@@ -66,7 +66,9 @@ def test_train_step_with_torch_comparison():
         assert k in r, k
     assert (r["setting"], r["batch"], r["T"], r["remat"], r["iters"]) == ("tiny", 2, 1, False, 1)
     _positive(r, "iter_s_median", "plain_step_s_median", "ratio_iter_to_plain", "peak_mem_gb",
-              "torch_iter_s_median", "torch_plain_step_s_median", "speedup_vs_torch")
+              "torch_iter_s_median", "torch_plain_step_s_median", "speedup_vs_torch",
+              "iter_user_s_per_call", "torch_iter_user_s_per_call")
+    assert r["iter_minor_faults_per_call"] >= 0 and r["torch_iter_sys_s_per_call"] >= 0
     assert r["compile_s"] >= 0 and r["first_call_s"] >= r["compile_s"]
     assert len(r["iter_s_all"]) == 1
     assert math.isfinite(r["last_outer_loss"]) and math.isfinite(r["last_loss"])
@@ -126,16 +128,27 @@ def test_plain_step_variants_beside_torch(tmp_path):
     out = tmp_path / "plain.json"
     records, stdout = _run("benchmarks.plain_step", "--setting", "tiny", "--batch", "4", "--iters", "2",
                            "--variants", "default,xla_conv", "--compare_torch", "--torch_threads", "1",
-                           "--compilation_cache", CACHE, "--out", str(out))
-    assert [r["variant"] for r in records] == ["default", "xla_conv", "torch"]
-    default, xla, torch_row = records
+                           "--allocators", "default,arena", "--compilation_cache", CACHE, "--out", str(out))
+    assert [(r["variant"], r["allocator"]) for r in records] == [
+        (v, a) for a in ("default", "arena") for v in ("default", "xla_conv", "torch")]
+    default, xla, torch_row, arena_default, _, arena_torch = records
     for r in records:
         assert "error" not in r, r
-        _positive(r, "step_s_median", "peak_mem_gb")
+        _positive(r, "step_s_median", "peak_mem_gb", "user_s_per_call")
+        assert r["sys_s_per_call"] >= 0 and r["minor_faults_per_call"] >= 0
+        # the allocator setting reached the child (JAX's and PyTorch's alike)
+        assert r["child_glibc_tunables"] == r["glibc_tunables"]
+        assert (r["glibc_tunables"] != "") == (r["allocator"] == "arena")
     assert (default["conv_impl"], xla["conv_impl"]) == ("auto", "xla")
     # two lowerings of the same convolutions: the same loss up to float32 rounding
     assert xla["loss_rel_diff"] < 1e-5 and default["loss_rel_diff"] == 0.0
     assert xla["speedup_vs_torch"] == pytest.approx(torch_row["step_s_median"] / xla["step_s_median"], rel=1e-2)
+    # ratios compare rows of the same allocator setting; the allocator's own effect is a separate ratio
+    assert arena_default["speedup_vs_torch"] == pytest.approx(
+        arena_torch["step_s_median"] / arena_default["step_s_median"], rel=1e-2)
+    assert arena_default["time_vs_default_allocator"] == pytest.approx(
+        arena_default["step_s_median"] / default["step_s_median"], rel=1e-2)
+    assert arena_default["first_loss"] == default["first_loss"]  # the allocator changes no number
     assert json.loads(out.read_text())["rows"] == records
     assert len([line for line in stdout.splitlines() if line.startswith("|")]) == 2 + len(records)
 
@@ -161,3 +174,36 @@ def test_torch_twin_computes_the_same_iteration_as_l2t_jax():
     for mode in ("adjoint", "unroll"):  # the reference's MetaSGD adjoint and the create_graph unroll
         assert max(r[mode]["meta_grad_norm_rel_diff"]) < 1e-9, r
         assert r[mode]["phi_max_rel_diff"] < 1e-9 and r[mode]["theta_max_rel_diff"] < 1e-9, r
+
+
+def test_conv_layers_times_each_convolution_beside_torch_on_the_same_work():
+    """Per conv shape: each lowering and PyTorch compute the same gradients; GFLOP from the shapes
+    (three products, 2 flops per multiply-add, batch 2)."""
+    pytest.importorskip("torch", reason="--compare_torch needs PyTorch (pip install -e .[torch])")
+    records, stdout = _run("benchmarks.conv_layers", "--model", "tiny", "--batch", "2", "--iters", "2",
+                           "--impls", "im2col,xla", "--compare_torch", "--torch_threads", "1")
+    assert [(r["cin"], r["cout"], r["size"], r["stride"]) for r in records] == [(3, 8, 8, 1), (8, 16, 4, 2)]
+    for r in records:
+        out = (r["size"] - 1) // r["stride"] + 1  # 3x3, padding 1
+        assert r["gflop"] == pytest.approx(3 * 2 * 2 * out * out * 9 * r["cin"] * r["cout"] / 1e9, rel=1e-3)
+        for col in ("im2col", "xla", "torch", "im2col_patches", "im2col_matmuls"):
+            assert r[col]["ms"] > 0 and r[col]["minor_faults"] >= 0, (col, r)
+        # three implementations of one convolution's backward agree to float32 rounding
+        assert r["im2col"]["grad_rel_diff"] == 0.0
+        assert r["xla"]["grad_rel_diff"] < 1e-5 and r["torch"]["grad_rel_diff"] < 1e-5
+    assert len([line for line in stdout.splitlines() if line.startswith("|")]) == 2 + len(records)
+
+
+def test_profile_step_splits_the_plain_step_by_kind_of_operation():
+    from benchmarks.profile_step import kind
+
+    # names XLA CPU gives its operations (jax 0.10 trace events)
+    assert kind("ynn_fusion.20") == kind("dot.3") == "matmul"
+    assert kind("concatenate.2") == kind("pad_slice_fusion.7") == "patches"
+    assert kind("add_bitcast_fusion") == kind("multiply_reduce_fusion.1") == "other"
+    records, _ = _run("benchmarks.profile_step", "--setting", "tiny", "--batch", "4", "--iters", "2")
+    r = records[-1]
+    _positive(r, "step_s_median", "op_ms_total", "user_s_per_call")
+    assert r["op_ms_by_kind"]["matmul"] > 0  # the convolutions' matmuls were traced
+    assert sum(r["op_ms_by_kind"].values()) == pytest.approx(r["op_ms_total"], abs=0.5)
+    assert all(t > 0 and k == kind(n) for n, t, k in r["top_ops_ms"])

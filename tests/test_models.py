@@ -305,3 +305,30 @@ def test_max_pool_2x2_ties_and_nan_as_pytorch():
 
     x[0, 1, 0, 0] = np.nan
     assert np.isnan(max_pool_2x2(jnp.asarray(x))[0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("hw", [(9, 8), (6, 7)])
+def test_max_pool_3x3_s2_p1_ties_overlaps_and_nan_as_pytorch(hw):
+    """torchvision's stem pool: values as `F.max_pool2d(3, 2, 1)`; with many ties (small
+    integers) and overlapping windows, the gradient of each window goes to its first maximum in
+    PyTorch's scan order and overlapping windows add up; odd and even sizes; NaN propagates."""
+    from l2t_jax.models.layers import max_pool_3x3_s2_p1
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(-2, 2, (2, *hw, 3)).astype(np.float64)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    want = torch.nn.functional.max_pool2d(tx, 3, 2, 1)
+    g = rng.standard_normal(want.shape)
+    want.backward(torch.tensor(g))
+    got, vjp = jax.vjp(max_pool_3x3_s2_p1, jnp.asarray(x))
+    np.testing.assert_array_equal(got, want.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))[0], tx.grad.numpy().transpose(0, 2, 3, 1))
+    # the test tests the tie rule: many windows hold their maximum more than once
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+    m = np.asarray(got)
+    count = sum(xp[:, i : i + 2 * m.shape[1] - 1 : 2, j : j + 2 * m.shape[2] - 1 : 2] == m
+                for i in range(3) for j in range(3))
+    assert np.mean(count > 1) > 0.3
+
+    x[0, 0, 0, 0] = np.nan
+    assert np.isnan(max_pool_3x3_s2_p1(jnp.asarray(x))[0, 0, 0, 0])
