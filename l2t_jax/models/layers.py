@@ -256,27 +256,18 @@ def max_pool_2x2(x: Array) -> Array:
 
 
 def max_pool_3x3_s2_p1(x: Array) -> Array:
-    """`nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` as elementwise selects (torchvision's stem).
+    """`nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` (padding never wins: -inf).
 
-    The nine taps of each window are strided slices of the input padded with -inf (a pad
-    never wins over a finite value), reduced in PyTorch's scan order (rows, then columns)
-    by `_first_max`: a later tap wins only when strictly greater or NaN, so ties send the
-    whole gradient to the first maximum, as PyTorch's kernel does, and overlapping windows
-    add their gradients. It replaces `lax.reduce_window`, the slowest single operation of
-    ResNet18's plain step on XLA's CPU backend (`python -m
-    benchmarks.profile_step --setting cub200`; figures in results/benchmarks/README.md).
-
-    Args:
-      x: (B, H, W, C).
-    Returns:
-      (B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C).
+    XLA's select-and-scatter sends each window's gradient to its first maximum, as
+    PyTorch does (tests/test_models.py checks ties and overlapping windows). Nine strided
+    slices reduced by elementwise selects were tried instead: a faster pool alone, but a
+    slower meta-iteration at 224 px (results/benchmarks/README.md).
     """
-    _, h, w, _ = x.shape
-    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-    out = None
-    for i in range(3):
-        for j in range(3):
-            tap = xp[:, i : i + 2 * (ho - 1) + 1 : 2, j : j + 2 * (wo - 1) + 1 : 2, :]
-            out = tap if out is None else _first_max(out, tap)
-    return out
+    return lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        window_dimensions=(1, 3, 3, 1),
+        window_strides=(1, 2, 2, 1),
+        padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    )
