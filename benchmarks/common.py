@@ -72,6 +72,12 @@ def _json_default(o: Any):
         return str(o)
 
 
+def write_rows(path: str, benchmark: str, rows: list, **meta: Any) -> None:
+    """One JSON document at `path`: the benchmark's name, `meta`, its rows and the host's facts."""
+    with open(path, "w") as f:
+        json.dump({"benchmark": benchmark, **meta, "rows": rows, **host_info()}, f, indent=1, default=_json_default)
+
+
 def parse_last_json(text: str) -> dict:
     """The last stdout line that is a JSON object."""
     for line in reversed(text.splitlines()):

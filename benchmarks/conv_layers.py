@@ -24,8 +24,6 @@ whole process, JAX and PyTorch alike.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from benchmarks import common
 from benchmarks.common import log, rounded
@@ -62,17 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def out_size(size: int, stride: int) -> int:
+    """Output size of a 3x3 convolution with padding 1."""
+    return (size + 2 - 3) // stride + 1
+
+
 def _measure(call, n: int, sync=lambda r: r) -> dict:
     """Median ms of `n` calls after one warm-up, with minor faults and system CPU per call."""
-    import time
-
     sync(call())
-    times = []
     with common.CpuUsage() as cpu:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            sync(call())
-            times.append(time.perf_counter() - t0)
+        times = common.time_calls(call, n, sync)
     per = cpu.per_call(n)
     return {"ms": rounded(1e3 * common.median(times), 2), "minor_faults": per["minor_faults_per_call"],
             "sys_s": per["sys_s_per_call"]}
@@ -89,8 +86,8 @@ def jax_rows(args, shape) -> dict:
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, size, size, cin), jnp.float32)
     w = jax.random.normal(kw, (3, 3, cin, cout), jnp.float32) * (2.0 / (9 * cin)) ** 0.5
-    out_size = (size + 2 - 3) // stride + 1
-    dy = jax.random.normal(kd, (args.batch, out_size, out_size, cout), jnp.float32)
+    n_out = out_size(size, stride)
+    dy = jax.random.normal(kd, (args.batch, n_out, n_out, cout), jnp.float32)
     out, grads = {}, {}
     for impl in args.impls:
         if impl == "xla":
@@ -102,12 +99,7 @@ def jax_rows(args, shape) -> dict:
         out[impl] = _measure(lambda: fwd_bwd(x, w, dy), args.iters, jax.block_until_ready)
         grads[impl] = [jax.device_get(g) for g in fwd_bwd(x, w, dy)]
     if "im2col" in args.impls:
-        def patches(x):
-            xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            hi = stride * (out_size - 1) + 1
-            return jnp.concatenate([xp[:, i:i + hi:stride, j:j + hi:stride, :] for i in range(3) for j in range(3)], -1)
-
-        build = jax.jit(patches)
+        build = jax.jit(lambda x: jnp.concatenate(layers.im2col_taps(x, 3, 3, stride, 1)[0], -1))
         p = build(x).reshape(-1, 9 * cin)
         d2 = dy.reshape(-1, cout)
         w2 = w.reshape(9 * cin, cout)
@@ -156,7 +148,7 @@ def table(rows: list[dict], impls: list[str]) -> str:
             if m is None:
                 cells.append("—")
             else:
-                gf = f", {r['gflop'] / (m['ms'] / 1e3):.0f}" if c not in ("im2col_patches",) else ""
+                gf = f", {m['gflop_s']:.0f}" if "gflop_s" in m else ""
                 cells.append(f"{m['ms']:.1f}{gf}, {m['minor_faults']}")
         lines.append(f"| {r['cin']}→{r['cout']} @ {r['size']}/{r['stride']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -171,10 +163,9 @@ def main(argv=None) -> list[dict]:
     rows = []
     for shape in SHAPES[args.model]:
         cin, cout, size, stride = shape
-        out_size = (size + 2 - 3) // stride + 1
         row = {"benchmark": "conv_layers", "model": args.model, "batch": args.batch, "cin": cin, "cout": cout,
                "size": size, "stride": stride,
-               "gflop": rounded(3 * 2 * args.batch * out_size**2 * 9 * cin * cout / 1e9, 9)}
+               "gflop": rounded(3 * 2 * args.batch * out_size(size, stride) ** 2 * 9 * cin * cout / 1e9, 9)}
         log(f"{cin}->{cout} @ {size}/{stride}")
         measured, grads, inputs = jax_rows(args, shape)
         row.update(measured)
@@ -183,14 +174,13 @@ def main(argv=None) -> list[dict]:
         first = grads[args.impls[0]]
         for name, g in grads.items():  # (dx, dw) of every column against the first lowering's
             row[name]["grad_rel_diff"] = max(rel_diff(a, b) for a, b in zip(g, first))
-        for impl in args.impls + (["torch"] if args.compare_torch else []):
-            row[impl]["gflop_s"] = rounded(row["gflop"] / (row[impl]["ms"] / 1e3), 1)
+        for col in args.impls + [c for c in ("im2col_matmuls", "torch") if c in row]:  # the columns that do the products
+            row[col]["gflop_s"] = rounded(row["gflop"] / (row[col]["ms"] / 1e3), 1)
         common.emit(row)
         rows.append(row)
     print(table(rows, args.impls), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"benchmark": "conv_layers", "model": args.model, "batch": args.batch,
-                                              "rows": rows, **common.host_info()}, indent=1))
+        common.write_rows(args.out, "conv_layers", rows, model=args.model, batch=args.batch)
     return rows
 
 

@@ -44,7 +44,6 @@ writes one JSON document.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def child_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.train_step import compiled_plain_step
+    from benchmarks.train_step import compiled_plain_step, random_target_and_batch
     from l2t_jax.models import get_model
 
     if args.compilation_cache:
@@ -121,17 +120,8 @@ def child_jax(args) -> dict:
     conv_impl, flags = VARIANTS[args.child]
     s = common.setting(args.setting)
     model = get_model(s.target, s.target_classes, conv_impl=conv_impl)
-    shape = (args.batch, s.image_size, s.image_size, 3)
-
-    def init(key):
-        kx, ky, kp = jax.random.split(key, 3)
-        x = jax.random.normal(kx, shape, jnp.float32)
-        y = jax.random.randint(ky, (args.batch,), 0, s.target_classes, jnp.int32)
-        v = model.init(kp, jnp.zeros((1,) + shape[1:], jnp.float32), train=False)
-        return v["params"], v["batch_stats"], x, y
-
-    params, stats, x, y = jax.jit(init)(jax.random.key(args.seed, impl="rbg"))
-    one, compile_s = compiled_plain_step(model, jnp.float32, {"params": params, "batch_stats": stats}, x, y)
+    variables, x, y = random_target_and_batch(model, s, args.batch, args.seed)
+    one, compile_s = compiled_plain_step(model, jnp.float32, variables, x, y)
     first_loss = float(one())
     common.trim_heap()
     with common.RssSampler() as sampler, common.CpuUsage() as cpu:
@@ -247,8 +237,7 @@ def main(argv=None) -> list[dict]:
         common.emit(r)
     print(table(rows), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"benchmark": "plain_step", "setting": args.setting, "batch": args.batch,
-                                              "rows": rows, **common.host_info()}, indent=1))
+        common.write_rows(args.out, "plain_step", rows, setting=args.setting, batch=args.batch)
     return rows
 
 

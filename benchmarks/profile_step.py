@@ -83,21 +83,13 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.train_step import compiled_plain_step
+    from benchmarks.train_step import compiled_plain_step, random_target_and_batch
     from l2t_jax.models import get_model
 
     s = common.setting(args.setting)
     model = get_model(s.target, s.target_classes, conv_impl=args.conv_impl)
-    shape = (args.batch, s.image_size, s.image_size, 3)
-
-    def init(key):
-        kx, ky, kp = jax.random.split(key, 3)
-        v = model.init(kp, jnp.zeros((1,) + shape[1:], jnp.float32), train=False)
-        return (v["params"], v["batch_stats"], jax.random.normal(kx, shape, jnp.float32),
-                jax.random.randint(ky, (args.batch,), 0, s.target_classes, jnp.int32))
-
-    params, stats, x, y = jax.jit(init)(jax.random.key(0, impl="rbg"))
-    one, _ = compiled_plain_step(model, jnp.float32, {"params": params, "batch_stats": stats}, x, y)
+    variables, x, y = random_target_and_batch(model, s, args.batch, seed=0)
+    one, _ = compiled_plain_step(model, jnp.float32, variables, x, y)
     for _ in range(2):
         jax.block_until_ready(one())
     with common.CpuUsage() as cpu:

@@ -182,6 +182,24 @@ def make_plain_step(model, dtype):
     return tx, jax.jit(step, donate_argnums=(0, 1, 2))
 
 
+def random_target_and_batch(model, s: common.Setting, batch: int, seed: int):
+    """(variables, x, y): `model` randomly initialised (params, batch_stats) and a random batch of
+    setting `s` (images N(0, 1), labels uniform), all from `seed` in one jitted program."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = (batch, s.image_size, s.image_size, 3)
+
+    def init(key):
+        kx, ky, kp = jax.random.split(key, 3)
+        x = jax.random.normal(kx, shape, jnp.float32)
+        y = jax.random.randint(ky, (batch,), 0, s.target_classes, jnp.int32)
+        v = model.init(kp, jnp.zeros((1,) + shape[1:], jnp.float32), train=False)
+        return {"params": v["params"], "batch_stats": v["batch_stats"]}, x, y
+
+    return jax.jit(init)(jax.random.key(seed, impl="rbg"))
+
+
 def compiled_plain_step(model, dtype, variables, x, y):
     """(call, compile seconds): `call()` runs one plain SGD step from the state it holds, returns the loss.
 

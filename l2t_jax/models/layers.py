@@ -77,6 +77,28 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
+def im2col_taps(x: Array, kh: int, kw: int, stride: int, padding: int) -> tuple[list[Array], int, int]:
+    """The kh*kw shifted, strided views ("taps") of the zero-padded input that im2col multiplies.
+
+    Args:
+      x: (B, H, W, C).
+    Returns:
+      (taps, H_out, W_out): taps in row-major kernel order (i, then j), each
+      (B, H_out, W_out, C), with H_out = (H + 2p - kh) // stride + 1.
+    """
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    _, hp, wp, _ = x.shape
+    ho = (hp - kh) // stride + 1
+    wo = (wp - kw) // stride + 1
+    taps = [
+        x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return taps, ho, wo
+
+
 def im2col_conv(
     x: Array, kernel: Array, stride: int, padding: int, max_contraction: int | None = IM2COL_MAX_CONTRACTION
 ) -> Array:
@@ -107,16 +129,8 @@ def im2col_conv(
       (B, H_out, W_out, C_out) with H_out = (H + 2p - kh) // stride + 1.
     """
     kh, kw, cin, cout = kernel.shape
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    b, hp, wp, _ = x.shape
-    ho = (hp - kh) // stride + 1
-    wo = (wp - kw) // stride + 1
-    taps = [
-        x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    taps, ho, wo = im2col_taps(x, kh, kw, stride, padding)
+    b = x.shape[0]
     n = len(taps)
     groups = 1 if max_contraction is None else min(n, max(1, -(-n * cin // max_contraction)))
     bounds = [round(g * n / groups) for g in range(groups + 1)]

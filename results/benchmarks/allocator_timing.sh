@@ -9,18 +9,14 @@ cd "$(dirname "$0")/../.."
 [ -d .venv ] && . .venv/bin/activate
 D=results/benchmarks/allocators
 mkdir -p $D
-declare -A TUN=(
-  [default]=""
-  [thp]="glibc.malloc.hugetlb=1"
-  [arena]="glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-)
 for b in 32 128; do
   iters=5; [ $b = 128 ] && iters=3
   for rep in 1 2; do
     for a in default thp arena; do
       f=$D/stl10_b${b}_T2_${a}_rep$rep.json
       [ -s "$f" ] && continue
-      GLIBC_TUNABLES="${TUN[$a]}" python -m benchmarks.train_step --setting stl10 --batch $b --T 2 --iters $iters \
+      tun=$(python -c "import sys; from benchmarks.plain_step import ALLOCATORS; print(ALLOCATORS[sys.argv[1]])" $a)
+      GLIBC_TUNABLES="$tun" python -m benchmarks.train_step --setting stl10 --batch $b --T 2 --iters $iters \
         --compare_torch > $f.part
       mv $f.part $f
     done
