@@ -114,8 +114,10 @@ def _drop_closed_loop_noise() -> None:
     RuntimeError('Event loop is closed'), reported as an unraisable exception, and
     orbax's own read coroutines of the damaged arrays are dropped with their errors
     ("Exception ignored in: <coroutine ...>"): dozens of bare tracebacks around the one
-    WARNING line. Only exactly those are dropped; everything else goes to the hook
-    that was there before.
+    WARNING line. A read task whose loop is still open when it is garbage-collected is
+    reported instead by asyncio's logger ("Task exception was never retrieved", with a
+    traceback): `_OrbaxTaskNoise` drops those. Only exactly these are dropped; everything
+    else goes to the hook and handlers that were there before.
     """
     global _NOISE_FILTER_INSTALLED
     if _NOISE_FILTER_INSTALLED:
@@ -135,7 +137,35 @@ def _drop_closed_loop_noise() -> None:
         previous(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxTaskNoise())
     _NOISE_FILTER_INSTALLED = True
+
+
+class _OrbaxTaskNoise(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" records of orbax's own reads.
+
+    asyncio logs one when a failed task or future nobody awaited is garbage-collected.
+    It is orbax's when the task's repr names a coroutine "defined at" an orbax file or
+    the exception was raised through orbax's code (the reads of a damaged checkpoint).
+    Every other record passes.
+    """
+
+    _MARK = f"{os.sep}orbax{os.sep}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if not msg.startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+            return True
+        if self._MARK in msg:
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        for e in _error_chain(error) if error is not None else ():
+            tb = e.__traceback__
+            while tb is not None:
+                if self._MARK in tb.tb_frame.f_code.co_filename:
+                    return False
+                tb = tb.tb_next
+        return True
 
 
 def _array_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:

@@ -303,3 +303,59 @@ def test_quickstart_interrupt_hint_names_the_command(npz_path, tmp_path):
     command = shlex.join(["-m", "experiments.run", f"--compilation_cache={CACHE}", *args])
     assert command in err, err
     assert f"--workdir={workdir / 'source'}" not in err, err
+
+
+def _unretrieved_task_failure(filename: str) -> None:
+    """Runs, in a fresh event loop, a task whose coroutine is defined in `filename` and fails; never awaits it."""
+    import asyncio
+    import gc
+
+    namespace: dict = {}
+    exec(compile("async def read_shard():\n    raise ValueError('OUT_OF_RANGE: damaged')\n", filename, "exec"), namespace)
+    loop_ = asyncio.new_event_loop()
+    try:
+        task = loop_.create_task(namespace["read_shard"]())
+        loop_.run_until_complete(asyncio.sleep(0.01))
+        assert task.done()
+    finally:
+        loop_.close()
+    del task
+    gc.collect()
+
+
+def _unretrieved_future_failure(filename: str) -> None:
+    """Sets on a future, never retrieved, an error raised by a function defined in `filename`."""
+    import asyncio
+    import gc
+
+    namespace: dict = {}
+    exec(compile("def read_shard():\n    raise ValueError('OUT_OF_RANGE: damaged')\n", filename, "exec"), namespace)
+    loop_ = asyncio.new_event_loop()
+    try:
+        future = loop_.create_future()
+        try:
+            namespace["read_shard"]()
+        except ValueError as e:
+            future.set_exception(e)
+    finally:
+        loop_.close()
+    del future
+    gc.collect()
+
+
+def test_orbax_unretrieved_task_errors_are_dropped_and_others_kept(caplog):
+    """CI once saw asyncio's "Task exception was never retrieved" traceback of an orbax read after a failed restore."""
+    from l2t_jax import checkpoint
+
+    checkpoint._drop_closed_loop_noise()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _unretrieved_task_failure(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "reader.py"))
+        assert not [r for r in caplog.records if r.name == "asyncio"]
+        _unretrieved_task_failure(os.path.join(os.sep, "site-packages", "mine", "reader.py"))
+        kept = [r for r in caplog.records if r.name == "asyncio"]
+        assert len(kept) == 1 and kept[0].getMessage().startswith("Task exception was never retrieved"), kept
+        _unretrieved_future_failure(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "reader.py"))
+        assert len([r for r in caplog.records if r.name == "asyncio"]) == 1
+        _unretrieved_future_failure(os.path.join(os.sep, "site-packages", "mine", "reader.py"))
+        kept = [r for r in caplog.records if r.name == "asyncio"]
+        assert len(kept) == 2 and kept[1].getMessage().startswith("Future exception was never retrieved"), kept
