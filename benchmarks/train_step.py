@@ -17,7 +17,8 @@ initialisation at the real model sizes.
 
 Prints ONE JSON line on stdout (progress on stderr):
   iter_s_median, iter_s_all, plain_step_s_median, ratio_iter_to_plain,
-  compile_s (lower + XLA compile of the iteration), first_call_s (compile + the
+  compile_s (lower + XLA compile of the iteration; lower_s the tracing and lowering
+  alone), first_call_s (compile + the
   first, warm-up execution; excluded from the median), plain_compile_s,
   peak_mem_gb (GPU: the device's peak_bytes_in_use; CPU: the highest RSS sampled
   every 5 ms during the timed iterations, after the heap memory the compiler freed
@@ -26,7 +27,9 @@ Prints ONE JSON line on stdout (progress on stderr):
   baseline_rss_gb (RSS before compiling), rss_after_compile_gb (after compile and
   warm-up), rss_before_iters_gb (after trimming, when the timed iterations
   start; peak_mem_gb - rss_before_iters_gb ~ the iteration's temporaries), xla_temp_gb / xla_argument_gb /
-  xla_output_gb (XLA's own memory analysis of the compiled iteration),
+  xla_output_gb (XLA's own memory analysis of the compiled iteration). With
+  --memory_only: compile_s, lower_s, the xla_* sizes, baseline_rss_gb,
+  rss_lowered_gb, rss_after_compile_gb and max_rss_gb (the compiler's peak), xla_flags.
   device, platform, setting, models, pairs, batch, T, remat, conv_impl, dtype,
   iters, iter_user_s_per_call / iter_sys_s_per_call / iter_minor_faults_per_call (CPU
   time and page faults per timed iteration: system time is mostly the kernel faulting in
@@ -41,6 +44,7 @@ torch_iter_s_median / iter_s_median.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -241,8 +245,11 @@ def run_jax(args) -> dict:
     # --- the full iteration: compile (AOT), warm-up call, timed calls
     step = bilevel.make_train_step(models, cfg)
     t0 = time.perf_counter()
-    compiled = step.lower(state, source_vars, x, y, lr).compile()
+    lowered = step.lower(state, source_vars, x, y, lr)
+    lower_s, rss_lowered = time.perf_counter() - t0, common.current_rss_bytes()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    del lowered
     log(f"iteration compiled in {compile_s:.1f} s")
     mem = {}
     try:
@@ -259,8 +266,11 @@ def run_jax(args) -> dict:
         return {"benchmark": "train_step", "memory_only": True, "setting": args.setting, "batch": args.batch,
                 "T": args.T, "remat": bool(args.remat), "unroll": cfg.unrolled, "hvp": args.hvp,
                 "conv_impl": args.conv_impl, "dtype": args.dtype, "num_pairs": len(pairs),
-                "compile_s": rounded(compile_s, 2), **mem, "device": f"{dev.platform}:{dev.device_kind}",
-                "jax": jax.__version__}
+                "compile_s": rounded(compile_s, 2), "lower_s": rounded(lower_s, 2), **mem,
+                "baseline_rss_gb": gb(baseline_rss), "rss_lowered_gb": gb(rss_lowered),
+                "rss_after_compile_gb": gb(common.current_rss_bytes()), "max_rss_gb": gb(common.max_rss_bytes()),
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": args.compilation_cache,
+                "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__}
 
     holder = {"state": state}
     del state
@@ -325,6 +335,7 @@ def run_jax(args) -> dict:
 
     out.update(
         compile_s=rounded(compile_s, 2),
+        lower_s=rounded(lower_s, 2),
         first_call_s=rounded(compile_s + warm_s, 2),
         peak_mem_gb=gb(dev_peak) if (dev_peak is not None and not on_cpu) else gb(iter_peak),
         peak_mem_source="device peak_bytes_in_use" if (dev_peak is not None and not on_cpu) else "sampled process RSS during timed iterations",

@@ -26,7 +26,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (experiments/configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs, summary, weights)")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", "", "persistent XLA compilation cache directory (speeds up reruns; '' = none)"
+    "compilation_cache", "auto",
+    "persistent XLA compilation cache folder: reruns, resumed runs and the next seed skip the compile. "
+    "'auto': $L2T_JAX_COMPILATION_CACHE, else ~/.cache/l2t_jax/xla; 'none': no cache",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -49,15 +51,11 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _setup_logging()
-    import jax
-
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from l2t_jax import loop, run_config, weights
+    from l2t_jax import compile_cache, loop, run_config, weights
 
     config = _CONFIG.value
     try:
+        compile_cache.enable(compile_cache.cache_dir(_CACHE.value))
         compose = _composition(config)
         if compose is not None:
             compose(config, _WORKDIR.value)  # several ordinary runs, each through loop.train

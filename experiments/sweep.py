@@ -313,7 +313,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--workdir", required=True, help="the sweep's root folder (one sub-folder per cell)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", help="one axis of the grid")
     p.add_argument("--devices", default="", help="comma-separated device ids: one worker per device")
-    p.add_argument("--compilation_cache", default="", help="passed to every run (persistent XLA cache)")
+    p.add_argument("--compilation_cache", default="",
+                   help="passed to every run (persistent XLA cache folder, or 'none'; default: the runner's, "
+                        "$L2T_JAX_COMPILATION_CACHE or ~/.cache/l2t_jax/xla)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args, rest = p.parse_known_args(argv)
     overrides = [a for a in rest if a.startswith("--config.") and "=" in a]
@@ -351,7 +353,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(set(names)) != len(names):
         print("error: two cells would share a folder name", file=sys.stderr)
         return 2
-    cache = str(Path(args.compilation_cache).expanduser().resolve()) if args.compilation_cache else ""
+    cache = args.compilation_cache.strip()
+    if cache and cache.lower() not in ("none", "auto"):
+        cache = str(Path(cache).expanduser().resolve())
     cells = [
         Cell(name, a, root / name, runner_command(config, overrides, a, root / name, cache))
         for name, a in zip(names, cells_assign)

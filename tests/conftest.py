@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The runner's default cache ("auto") for every command a test starts: the repository's, never ~/.cache.
+os.environ.setdefault("L2T_JAX_COMPILATION_CACHE", str(REPO / ".jax_cache"))
 
 
 def shared_dir() -> Path:
