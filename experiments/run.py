@@ -55,7 +55,9 @@ def main(argv: list[str]) -> int:
 
     config = _CONFIG.value
     try:
-        compile_cache.enable(compile_cache.cache_dir(_CACHE.value))
+        cache = compile_cache.enable(compile_cache.cache_dir(_CACHE.value))
+        if cache is not None:
+            logging.info("compiled programs are cached in %s (--compilation_cache=none: no cache)", cache)
         compose = _composition(config)
         if compose is not None:
             compose(config, _WORKDIR.value)  # several ordinary runs, each through loop.train

@@ -80,6 +80,7 @@ def test_runs_use_the_cache_by_default_and_reruns_hit_it(tmp_path):
     cfg = _write_config(tmp_path / "cfg.py", tiny_config("digits", epochs=1))
     first = _run([f"--config={cfg}", f"--workdir={tmp_path / 'w1'}"], environ)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert f"compiled programs are cached in {cache.resolve()}" in first.stderr
     entries = sorted(p.name for p in cache.iterdir()) if cache.is_dir() else []
     assert len(entries) >= 2, entries  # the train step and the evaluation at least
     second = _run([f"--config={cfg}", f"--workdir={tmp_path / 'w2'}"], environ)
@@ -88,4 +89,5 @@ def test_runs_use_the_cache_by_default_and_reruns_hit_it(tmp_path):
     off = _run([f"--config={cfg}", f"--workdir={tmp_path / 'w3'}", "--compilation_cache=none"],
                {**environ, ENV_VAR: str(tmp_path / "unused")})
     assert off.returncode == 0, off.stderr[-3000:]
+    assert "compiled programs are cached" not in off.stderr
     assert not (tmp_path / "unused").exists()
