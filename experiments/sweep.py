@@ -353,9 +353,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(set(names)) != len(names):
         print("error: two cells would share a folder name", file=sys.stderr)
         return 2
-    cache = args.compilation_cache.strip()
-    if cache and cache.lower() not in ("none", "auto"):
-        cache = str(Path(cache).expanduser().resolve())
+    cache = ""
+    if args.compilation_cache.strip():  # else each run's own default ("auto")
+        from l2t_jax.compile_cache import cache_dir
+
+        folder = cache_dir(args.compilation_cache)
+        cache = "none" if folder is None else str(folder.resolve())
     cells = [
         Cell(name, a, root / name, runner_command(config, overrides, a, root / name, cache))
         for name, a in zip(names, cells_assign)

@@ -103,6 +103,8 @@ def is_environment_error(e: BaseException) -> bool:
 
 
 _NOISE_FILTER_INSTALLED = False
+# In the file name of orbax's code (its read coroutines and the frames their errors pass through).
+_ORBAX_PATH_MARK = f"{os.sep}orbax{os.sep}"
 
 
 def _drop_closed_loop_noise() -> None:
@@ -132,7 +134,7 @@ def _drop_closed_loop_noise() -> None:
         ):
             return
         code = getattr(unraisable.object, "cr_code", None)  # a coroutine of orbax's reader, dropped with its loop
-        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+        if code is not None and _ORBAX_PATH_MARK in code.co_filename:
             return
         previous(unraisable)
 
@@ -150,19 +152,17 @@ class _OrbaxTaskNoise(logging.Filter):
     Every other record passes.
     """
 
-    _MARK = f"{os.sep}orbax{os.sep}"
-
     def filter(self, record: logging.LogRecord) -> bool:
         msg = str(record.msg)
         if not msg.startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
             return True
-        if self._MARK in msg:
+        if _ORBAX_PATH_MARK in msg:
             return False
         error = record.exc_info[1] if record.exc_info else None
         for e in _error_chain(error) if error is not None else ():
             tb = e.__traceback__
             while tb is not None:
-                if self._MARK in tb.tb_frame.f_code.co_filename:
+                if _ORBAX_PATH_MARK in tb.tb_frame.f_code.co_filename:
                     return False
                 tb = tb.tb_next
         return True

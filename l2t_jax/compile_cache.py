@@ -15,7 +15,8 @@ caches them by default in one folder per user:
 jax keys every entry by the program, the compile options, the jax/jaxlib version and
 the device, so runs, configs and versions share one folder safely; entries are a few
 MB, and the folder is kept under `DEFAULT_MAX_BYTES` by evicting the least recently
-used ones. Deleting it only costs the next run its compile.
+used ones. Deleting it only costs the next run its compile. `cache_dir` imports nothing heavy
+(the sweep driver reads the flag with it); `enable` imports jax.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import logging
 import os
 from pathlib import Path
 from typing import Mapping, Optional
-
-from l2t_jax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +68,12 @@ def enable(path: Optional[Path], max_bytes: int = DEFAULT_MAX_BYTES) -> Optional
     Raises:
       ConfigError: `path` cannot be a writable folder (a file is there, or no permission).
     """
-    import jax
-
     if path is None:
         return None
+    import jax
+
+    from l2t_jax.run_config import ConfigError
+
     path = path.resolve()
     try:
         path.mkdir(parents=True, exist_ok=True)

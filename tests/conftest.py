@@ -168,6 +168,19 @@ def tiny_config(dataset: str, **overrides):
     return c
 
 
+def write_config_file(path: Path, config) -> Path:
+    """A config file for `experiments.run` that gives exactly `config` (a ConfigDict of plain values)."""
+    import runpy
+
+    plain = json.dumps(config.to_dict())
+    path.write_text(
+        "import json\n\nimport ml_collections\n\n\n"
+        f"def get_config():\n    return ml_collections.ConfigDict(json.loads({plain!r}))\n"
+    )
+    assert runpy.run_path(str(path))["get_config"]().to_dict() == json.loads(plain)
+    return path
+
+
 if __name__ == "__main__":  # python tests/conftest.py [REL ...]: re-record checksums from the shared folder
     import sys
 

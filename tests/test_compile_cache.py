@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, write_config_file
 from l2t_jax.compile_cache import ENV_VAR, cache_dir
 
 
@@ -45,16 +45,6 @@ def test_enable_none_changes_nothing():
     assert jax.config.jax_compilation_cache_dir == before
 
 
-def _write_config(path: Path, config) -> Path:
-    import json
-
-    path.write_text(
-        "import json\n\nimport ml_collections\n\n\n"
-        f"def get_config():\n    return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n"
-    )
-    return path
-
-
 def _run(args: list[str], environ: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, **environ})
@@ -63,7 +53,7 @@ def _run(args: list[str], environ: dict[str, str]) -> subprocess.CompletedProces
 def test_a_cache_that_cannot_be_a_folder_is_one_line_exit_2(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    cfg = _write_config(tmp_path / "cfg.py", tiny_config("digits", epochs=1))
+    cfg = write_config_file(tmp_path / "cfg.py", tiny_config("digits", epochs=1))
     for args, environ in (([f"--compilation_cache={blocker / 'xla'}"], {}), ([], {ENV_VAR: str(blocker)})):
         proc = _run([f"--config={cfg}", f"--workdir={tmp_path / 'w'}", *args], environ)
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -77,7 +67,7 @@ def test_runs_use_the_cache_by_default_and_reruns_hit_it(tmp_path):
     """No --compilation_cache: the first run fills $L2T_JAX_COMPILATION_CACHE, a second run compiles nothing new."""
     cache = tmp_path / "xla"
     environ = {ENV_VAR: str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    cfg = _write_config(tmp_path / "cfg.py", tiny_config("digits", epochs=1))
+    cfg = write_config_file(tmp_path / "cfg.py", tiny_config("digits", epochs=1))
     first = _run([f"--config={cfg}", f"--workdir={tmp_path / 'w1'}"], environ)
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"compiled programs are cached in {cache.resolve()}" in first.stderr

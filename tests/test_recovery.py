@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import runpy
 import shlex
 import shutil
 import signal
@@ -35,7 +34,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config, write_digits_npz
+from conftest import REPO, tiny_config, write_config_file, write_digits_npz
 from l2t_jax import loop, run_config
 from l2t_jax.io.msgpack import load_variables
 
@@ -102,17 +101,6 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "corrupt_orbax_state_metadata": lambda d: (d / "state" / "_METADATA").write_text("{garbage"),
     "corrupt_ocdbt_manifest": lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b"\x00garbage"),
 }
-
-
-def _write_config_file(path: Path, config) -> Path:
-    """A config file for `experiments.run` that gives exactly `config` (a ConfigDict of plain values)."""
-    plain = json.dumps(config.to_dict())
-    path.write_text(
-        "import json\n\nimport ml_collections\n\n\n"
-        f"def get_config():\n    return ml_collections.ConfigDict(json.loads({plain!r}))\n"
-    )
-    assert runpy.run_path(str(path))["get_config"]().to_dict() == json.loads(plain)
-    return path
 
 
 def _cli_command(*args: str) -> list[str]:
@@ -205,7 +193,7 @@ def test_all_checkpoints_damaged_is_one_clear_error(npz_path, interrupted, tmp_p
     workdir = _copy_run(interrupted, tmp_path / "run")
     for step in ("3", "5"):
         _truncate_state_data(workdir / "checkpoints" / step)
-    cfg = _write_config_file(tmp_path / "cfg.py", tiny_config(f"npz:{npz_path}"))
+    cfg = write_config_file(tmp_path / "cfg.py", tiny_config(f"npz:{npz_path}"))
     p = _cli(f"--config={cfg}", f"--workdir={workdir}")
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2, err
@@ -227,7 +215,7 @@ def test_all_checkpoints_damaged_is_one_clear_error(npz_path, interrupted, tmp_p
 
 
 def test_tensorboard_holds_every_logged_step_once_after_kill9(npz_path, tmp_path):
-    cfg = _write_config_file(tmp_path / "cfg.py", tiny_config(f"npz:{npz_path}", epochs=24, log_every=1))
+    cfg = write_config_file(tmp_path / "cfg.py", tiny_config(f"npz:{npz_path}", epochs=24, log_every=1))
     workdir = tmp_path / "run"
     args = (f"--config={cfg}", f"--workdir={workdir}")
     p = _cli(*args)
@@ -291,7 +279,7 @@ def test_quickstart_interrupt_hint_names_the_command(npz_path, tmp_path):
         "experiment": "quickstart", "methods": "scratch", "pairs": {"fm": "1-1"},
         "source": source.to_dict(), "target": tiny_config(f"npz:{npz_path}").to_dict(),
     })
-    cfg = _write_config_file(tmp_path / "qs_cfg.py", qs)
+    cfg = write_config_file(tmp_path / "qs_cfg.py", qs)
     workdir = tmp_path / "qs"
     args = (f"--config={cfg}", f"--workdir={workdir}")
     p = _cli(*args)
