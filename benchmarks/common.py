@@ -154,17 +154,6 @@ def max_rss_bytes() -> int:
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 
 
-def trim_heap() -> bool:
-    """Returns freed heap memory to the OS (glibc `malloc_trim`), so that RSS measured next
-    reflects live memory rather than what compilation used and freed. False where unavailable."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 class RssSampler:
     """Samples this process's RSS in a background thread; `peak` is the highest seen.
 

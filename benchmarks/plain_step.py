@@ -112,6 +112,7 @@ def child_jax(args) -> dict:
     import jax.numpy as jnp
 
     from benchmarks.train_step import compiled_plain_step, random_target_and_batch
+    from l2t_jax import heap
     from l2t_jax.models import get_model
 
     if args.compilation_cache:
@@ -123,7 +124,7 @@ def child_jax(args) -> dict:
     variables, x, y = random_target_and_batch(model, s, args.batch, args.seed)
     one, compile_s = compiled_plain_step(model, jnp.float32, variables, x, y)
     first_loss = float(one())
-    common.trim_heap()
+    heap.release_free_memory()
     with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         times = common.time_calls(one, args.iters, jax.block_until_ready)
     return {"variant": args.child, "conv_impl": conv_impl, "xla_flags": flags, "step_s_median": rounded(common.median(times)),
@@ -137,7 +138,7 @@ def child_torch(args) -> dict:
     import torch
 
     from benchmarks import torch_reference
-    from l2t_jax import transfer
+    from l2t_jax import heap, transfer
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -146,7 +147,7 @@ def child_torch(args) -> dict:
     bench = torch_reference.TorchL2T(s, pairs, args.batch, 1, torch.device("cpu"), "adjoint", args.seed)
     step = bench.plain_step_fn()
     step()
-    common.trim_heap()
+    heap.release_free_memory()
     with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         times = common.time_calls(step, args.iters)
     return {"variant": TORCH, "step_s_median": rounded(common.median(times)), "step_s_all": [rounded(t) for t in times],

@@ -3,6 +3,7 @@
     python -m benchmarks.train_step --setting stl10|cub200 [--batch B] [--T T] [--iters N]
         [--remat] [--no_unroll] [--hvp reverse|mixed] [--conv_impl auto|xla|im2col] [--dtype float32|bfloat16]
         [--pairs all_to_all|m-n,...] [--no_plain] [--memory_only] [--seed S] [--compilation_cache DIR]
+        [--heap release|keep]
         [--compare_torch [--torch_mode adjoint|unroll] [--torch_threads N] [--torch_device D]]
 
 Settings (benchmarks/common.py): stl10 = ResNet32 (200 classes) -> VGG9-bn (10), 32 px,
@@ -15,21 +16,27 @@ T matching steps + one CE step look-ahead, outer CE, exact meta-gradient, Adam o
 SGD step of the target on cross-entropy only, same batch. Random data and random
 initialisation at the real model sizes.
 
+--heap: "release" (default) does what `experiments.run` does (`l2t_jax.heap`): the
+heap's free memory is returned to the OS after building and after compiling, before
+the first execution; "keep" never returns it (plain `jax.jit`, the runner before
+that change).
+
 Prints ONE JSON line on stdout (progress on stderr):
   iter_s_median, iter_s_all, plain_step_s_median, ratio_iter_to_plain,
   compile_s (lower + XLA compile of the iteration; lower_s the tracing and lowering
   alone), first_call_s (compile + the
   first, warm-up execution; excluded from the median), plain_compile_s,
   peak_mem_gb (GPU: the device's peak_bytes_in_use; CPU: the highest RSS sampled
-  every 5 ms during the timed iterations, after the heap memory the compiler freed
-  was returned to the OS (malloc_trim): runtime + code + arrays + temporaries),
+  every 5 ms during the timed iterations: runtime + code + arrays + temporaries, and
+  with --heap keep what the compiler freed),
   max_rss_gb (CPU: the process's lifetime peak RSS, compilation included),
-  baseline_rss_gb (RSS before compiling), rss_after_compile_gb (after compile and
-  warm-up), rss_before_iters_gb (after trimming, when the timed iterations
-  start; peak_mem_gb - rss_before_iters_gb ~ the iteration's temporaries), xla_temp_gb / xla_argument_gb /
+  baseline_rss_gb (RSS before compiling), rss_after_compile_gb (right after the
+  compile, before any release), rss_before_iters_gb (when the timed iterations
+  start, after the warm-up call), xla_temp_gb / xla_argument_gb /
   xla_output_gb (XLA's own memory analysis of the compiled iteration). With
   --memory_only: compile_s, lower_s, the xla_* sizes, baseline_rss_gb,
   rss_lowered_gb, rss_after_compile_gb and max_rss_gb (the compiler's peak), xla_flags.
+  heap: the --heap setting.
   device, platform, setting, models, pairs, batch, T, remat, conv_impl, dtype,
   iters, iter_user_s_per_call / iter_sys_s_per_call / iter_minor_faults_per_call (CPU
   time and page faults per timed iteration: system time is mostly the kernel faulting in
@@ -74,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compilation_cache", default=None,
                    help="persistent XLA compilation cache directory (tests; makes compile_s meaningless)")
+    p.add_argument("--heap", default="release", choices=("release", "keep"),
+                   help="return the heap's free memory to the OS after building and compiling, as experiments.run "
+                        "does (release), or never (keep)")
     p.add_argument("--no_plain", action="store_true", help="skip the plain-step measurement")
     p.add_argument("--memory_only", action="store_true",
                    help="compile only and print XLA's memory analysis (no execution, no timing: valid on a busy machine)")
@@ -229,8 +239,9 @@ def run_jax(args) -> dict:
     import jax.numpy as jnp
     import jaxlib
 
-    from l2t_jax import bilevel
+    from l2t_jax import bilevel, heap
 
+    release = heap.release_free_memory if args.heap == "release" else (lambda: False)
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(Path(args.compilation_cache).resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -240,6 +251,7 @@ def run_jax(args) -> dict:
         f"T {args.T}, remat {args.remat}, conv_impl {args.conv_impl}, dtype {args.dtype}")
     s, cfg, models, state, source_vars, x, y, target_vars, pairs = build(args)
     lr = jnp.asarray(0.1, jnp.float32)
+    release()
     baseline_rss = common.current_rss_bytes()
 
     # --- the full iteration: compile (AOT), warm-up call, timed calls
@@ -250,6 +262,7 @@ def run_jax(args) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     del lowered
+    rss_after_compile = common.current_rss_bytes()
     log(f"iteration compiled in {compile_s:.1f} s")
     mem = {}
     try:
@@ -268,10 +281,11 @@ def run_jax(args) -> dict:
                 "conv_impl": args.conv_impl, "dtype": args.dtype, "num_pairs": len(pairs),
                 "compile_s": rounded(compile_s, 2), "lower_s": rounded(lower_s, 2), **mem,
                 "baseline_rss_gb": gb(baseline_rss), "rss_lowered_gb": gb(rss_lowered),
-                "rss_after_compile_gb": gb(common.current_rss_bytes()), "max_rss_gb": gb(common.max_rss_bytes()),
-                "xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": args.compilation_cache,
+                "rss_after_compile_gb": gb(rss_after_compile), "max_rss_gb": gb(common.max_rss_bytes()),
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": args.compilation_cache, "heap": args.heap,
                 "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__}
 
+    release()  # what the compiler freed, before the first execution (heap.compile_then_release)
     holder = {"state": state}
     del state
 
@@ -283,8 +297,6 @@ def run_jax(args) -> dict:
     jax.block_until_ready(one_iteration())
     warm_s = time.perf_counter() - t0
     log(f"warm-up iteration {warm_s:.2f} s; timing {args.iters} iterations")
-    rss_before_trim = common.current_rss_bytes()
-    common.trim_heap()  # drop what the compiler freed: the sampled peak is then the iteration's
     with common.RssSampler() as sampler, common.CpuUsage() as cpu:
         rss_before_iters = sampler.peak
         times = common.time_calls(one_iteration, args.iters, jax.block_until_ready)
@@ -310,6 +322,7 @@ def run_jax(args) -> dict:
         "dtype": args.dtype,
         "iters": args.iters,
         "compilation_cache": args.compilation_cache,
+        "heap": args.heap,
         "iter_s_median": rounded(common.median(times)),
         "iter_s_all": [rounded(t) for t in times],
         **cpu.per_call(args.iters, prefix="iter_"),
@@ -341,7 +354,7 @@ def run_jax(args) -> dict:
         peak_mem_source="device peak_bytes_in_use" if (dev_peak is not None and not on_cpu) else "sampled process RSS during timed iterations",
         max_rss_gb=gb(life_peak),
         baseline_rss_gb=gb(baseline_rss),
-        rss_after_compile_gb=gb(rss_before_trim),
+        rss_after_compile_gb=gb(rss_after_compile),
         rss_before_iters_gb=gb(rss_before_iters),
         **mem,
         device=f"{dev.platform}:{dev.device_kind}",

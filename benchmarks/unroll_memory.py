@@ -92,11 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_child(cmd: list[str], timeout: float | None) -> tuple[int, str, int, float]:
-    """Runs `cmd` (stderr inherited); returns (exit code, stdout, child's max RSS in bytes, wall s)."""
+def run_child(cmd: list[str], timeout: float | None, cwd: str | Path = REPO,
+              env: dict | None = None) -> tuple[int, str, int, float]:
+    """Runs `cmd` in `cwd` (stderr inherited); returns (exit code, stdout, child's max RSS in bytes, wall s)."""
     with tempfile.TemporaryFile(mode="w+") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=out, text=True)
+        proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=out, text=True)
         timer = None
         if timeout:
             timer = threading.Timer(timeout, proc.kill)

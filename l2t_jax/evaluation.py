@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from l2t_jax import heap
+
 PyTree = Any
 
 
@@ -42,6 +44,10 @@ def eval_step(model, variables: PyTree, x: jax.Array, y: jax.Array, mask: jax.Ar
     return {"correct": jnp.sum(hit * mask), "loss_sum": jnp.sum(nll * mask)}
 
 
+#: `eval_step` for `evaluate_batches`: each new (model, shapes) compiled, then the compiler's freed memory released
+_eval_step_released = heap.compile_then_release(eval_step)
+
+
 def pad_batch(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y) padded with zeros to `batch_size` rows, and the validity mask."""
     n = len(y)
@@ -63,7 +69,7 @@ def evaluate_batches(model, variables: PyTree, batches: Iterable[tuple[np.ndarra
     outs, n = [], 0
     for x, y in batches:
         n += len(y)
-        outs.append(eval_step(model, variables, *pad_batch(x, y, batch_size)))
+        outs.append(_eval_step_released(model, variables, *pad_batch(x, y, batch_size)))
     outs = jax.device_get(outs)
     correct = sum(int(round(float(o["correct"]))) for o in outs)
     loss = sum(float(o["loss_sum"]) for o in outs)

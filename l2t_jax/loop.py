@@ -14,7 +14,9 @@ progress bar, the log). The run's data, models and initial state come from
 Per epoch e (0-based) of E: the learning rate is the reference's cosine value
 lr0·(1+cos(π(e+1)/E))/2; the training batches (shuffled and augmented as a pure
 function of (seed, epoch, index), prepared on a background thread) go through the
-jitted `bilevel.make_train_step` (source variables and lr passed as arguments);
+jitted `bilevel.make_train_step` (source variables and lr passed as arguments; each new
+batch shape compiled ahead of its first call and the compiler's freed memory given back
+to the OS, `heap.compile_then_release`);
 metrics stay on the device and are fetched every `log_every` steps (a non-finite
 value stops the run, naming step and term); then the validation and test splits
 are evaluated (eval-mode BN) and a checkpoint is written.
@@ -60,7 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from l2t_jax import bilevel, data as data_lib, parallel, run_config
+from l2t_jax import bilevel, data as data_lib, heap, parallel, run_config
 from l2t_jax.checkpoint import Checkpointer, NoIntactCheckpointError
 from l2t_jax.evaluation import evaluate_batches
 from l2t_jax.io.atomic import write_json_atomic
@@ -215,6 +217,7 @@ def train(
         log.info("run: %s", spec.describe())
         data = load_run_data(spec.data)
         setup = build(spec, data.num_classes)
+        heap.release_free_memory()  # what building and initialising compiled and freed
         return _train_and_evaluate(spec, workdir, ckpt, found is not None, data, setup,
                                    stop_after_steps=stop_after_steps, step_fn_wrapper=step_fn_wrapper)
     finally:
@@ -423,9 +426,13 @@ def _non_finite_terms(m: dict) -> list[str]:
 
 
 def _make_step_fn(spec: RunSpec, setup: Setup, n_train: int) -> Callable:
-    """The jitted training step: one device, or data-parallel over this process's devices."""
+    """The jitted training step: one device, or data-parallel over this process's devices.
+
+    Each new batch shape is compiled ahead of its first call and the compiler's freed
+    memory returned to the OS before the step runs (`heap.compile_then_release`).
+    """
     if not spec.data_parallel:
-        return bilevel.make_train_step(setup.models, setup.bilevel_config)
+        return heap.compile_then_release(bilevel.make_train_step(setup.models, setup.bilevel_config))
     if jax.process_count() > 1:
         raise run_config.ConfigError(
             "config.data_parallel splits batches over one process's devices; on several hosts build the step "
@@ -448,7 +455,8 @@ def _make_step_fn(spec: RunSpec, setup: Setup, n_train: int) -> Callable:
         check(last, f"the last batch of each epoch ({last} of the {n_train} training images; "
                     f"or set config.drop_last=True)")
     log.info("data-parallel training step over %d devices (%s BN statistics)", mesh.size, spec.data_parallel)
-    return parallel.make_parallel_train_step(setup.models, setup.bilevel_config, mesh, bn=spec.data_parallel)
+    return heap.compile_then_release(
+        parallel.make_parallel_train_step(setup.models, setup.bilevel_config, mesh, bn=spec.data_parallel))
 
 
 # --------------------------------------------------------------------------- resume and outputs

@@ -320,7 +320,8 @@ def make_parallel_train_step(
       and metrics come back replicated over the mesh (`fetch_replicated` reads them
       on the host). Host inputs and non-replicated state are laid out on the mesh
       first (`shard_batch`, `replicate`); `f.jitted` is the compiled function itself
-      (inputs already laid out).
+      (inputs already laid out), and `f.lower(...)` lowers it for f's arguments, as a
+      jitted function's `lower` does (`heap.compile_then_release` compiles through it).
     """
     if bn not in BN_MODES:
         raise ValueError(f"unknown bn mode {bn!r}; expected one of {BN_MODES}")
@@ -349,14 +350,18 @@ def make_parallel_train_step(
         donate_argnums=(0,) if donate else (),
     )
 
-    def step(state, source_variables, x, y, lr):
+    def laid_out(state, source_variables, x, y, lr):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
         check_batch_size(mesh, x.shape[0], axis_name)
         state, source_variables, lr = replicate(mesh, (state, source_variables, lr))
         x, y = shard_batch(mesh, x, y, axis_name=axis_name)
-        return jitted(state, source_variables, x, y, lr)
+        return state, source_variables, x, y, lr
 
+    def step(state, source_variables, x, y, lr):
+        return jitted(*laid_out(state, source_variables, x, y, lr))
+
+    step.lower = lambda *args: jitted.lower(*laid_out(*args))
     step.jitted = jitted
     step.mesh = mesh
     step.bn = bn
