@@ -18,3 +18,9 @@ for side in new old; do
   python -m benchmarks.runner_peak --repo "$repo" --out $f.part -- "${ARGS[@]}"
   mv $f.part $f
 done
+# the same runner in mixed mode (hvp="mixed": the look-ahead's memory bounded), this checkout only
+f=results/benchmarks/runner_peak_c10_l2tww_mixed.json
+if [ ! -s "$f" ]; then
+  python -m benchmarks.runner_peak --out $f.part -- "${ARGS[@]}" --config.hvp=mixed
+  mv $f.part $f
+fi
