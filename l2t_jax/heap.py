@@ -64,12 +64,19 @@ def release_free_memory() -> bool:
 
 
 def _leaf_key(leaf: Any) -> Hashable:
-    """What decides which compiled program a leaf of the arguments calls."""
+    """What decides which compiled program a leaf of the arguments calls.
+
+    Called for every leaf on every step, so a jax array is keyed by its abstract value
+    (shape, dtype, weak type), which it already holds, and its sharding: building
+    `(shape, str(dtype), ...)` instead cost 4 us a leaf, 2 ms a step for the stl10
+    state's 542 leaves (`str(dtype)` alone 2.6 us).
+    """
+    if isinstance(leaf, jax.Array):
+        return (leaf.aval, leaf.sharding)
     shape = getattr(leaf, "shape", None)
     dtype = getattr(leaf, "dtype", None)
-    if shape is not None and dtype is not None:
-        sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
-        return (tuple(shape), str(dtype), bool(getattr(leaf, "weak_type", False)), sharding)
+    if shape is not None and dtype is not None:  # numpy arrays and scalars
+        return (tuple(shape), dtype, bool(getattr(leaf, "weak_type", False)), None)
     try:
         hash(leaf)
     except TypeError:
@@ -80,7 +87,7 @@ def _leaf_key(leaf: Any) -> Hashable:
 def argument_signature(args: tuple) -> Hashable:
     """The pytree structure of `args` and the key of every leaf (`_leaf_key`)."""
     leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple(_leaf_key(leaf) for leaf in leaves)
+    return treedef, tuple([_leaf_key(leaf) for leaf in leaves])
 
 
 class CompileThenRelease:
@@ -107,11 +114,8 @@ class CompileThenRelease:
             self.compiled_signatures.add(key)
         return self.fn(*args)
 
-    def lower(self, *args):
-        return self.fn.lower(*args)
-
     def __getattr__(self, name: str):
-        """Everything else is the wrapped function's (e.g. `parallel`'s `mesh`, `num_devices`, `jitted`)."""
+        """Everything else is the wrapped function's (`lower`; `parallel`'s `mesh`, `num_devices`, `jitted`)."""
         if name == "fn":  # not set yet (copying, unpickling)
             raise AttributeError(name)
         return getattr(self.fn, name)

@@ -281,3 +281,15 @@ def test_runner_peak_refuses_bad_arguments(args, message):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.runner_peak", *args], cwd=str(REPO),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_step_overhead_times_the_wrapper_beside_jit_dispatch(tmp_path):
+    out = tmp_path / "o.json"
+    records, _ = _run("benchmarks.step_overhead", "--setting", "tiny", "--batch", "2", "--T", "1", "--calls", "20",
+                      "--repeats", "2", "--out", str(out))
+    r = records[-1]
+    assert json.loads(out.read_text()) == r
+    _positive(r, "argument_leaves", "jit_call_ms", "wrapped_call_ms", "signature_ms")
+    assert (r["setting"], r["batch"], r["T"], r["calls"]) == ("tiny", 2, 1, 20)
+    assert r["overhead_ms"] == pytest.approx(r["wrapped_call_ms"] - r["jit_call_ms"], abs=2e-4)
+

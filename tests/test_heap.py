@@ -107,6 +107,11 @@ def test_argument_signature_tells_programs_apart():
     assert sig((a, 1)) == sig((jnp.zeros((2, 3)), 1))
     assert sig((a, 1)) != sig((jnp.ones((3, 2)), 1))  # shape
     assert sig((a, 1)) != sig((a.astype(jnp.int32), 1))  # dtype
+    assert sig((a, 1)) != sig((a.astype(jnp.bfloat16), 1))  # dtype of the same width and kind
+    weak = jnp.asarray(0.1)  # a Python float's: weakly typed
+    strong = jnp.asarray(0.1, weak.dtype)
+    assert (weak.weak_type, strong.weak_type, weak.dtype) == (True, False, strong.dtype)
+    assert sig((weak,)) != sig((strong,)) and sig((weak,)) == sig((jnp.asarray(0.2),))
     assert sig((a, 1)) != sig((a, 2))  # a static value
     assert sig(({"w": a},)) != sig(({"v": a},))  # structure
     assert sig((np.ones((2, 3), np.float32),)) == sig((np.zeros((2, 3), np.float32),))
