@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heap", default="release", choices=("release", "keep"),
                    help="return the heap's free memory to the OS after building and compiling, as experiments.run "
                         "does (release), or never (keep)")
+    p.add_argument("--cpu_scheduler", default="auto", choices=("auto", "concurrency", "memory"),
+                   help="XLA CPU's instruction order, set in XLA_FLAGS before JAX starts (l2t_jax.xla_flags; auto: "
+                        "depth-first 'memory' in mixed mode, XLA's breadth-first 'concurrency' otherwise)")
     p.add_argument("--no_plain", action="store_true", help="skip the plain-step measurement")
     p.add_argument("--memory_only", action="store_true",
                    help="compile only and print XLA's memory analysis (no execution, no timing: valid on a busy machine)")
@@ -234,6 +237,10 @@ def compiled_plain_step(model, dtype, variables, x, y):
 
 
 def run_jax(args) -> dict:
+    from l2t_jax import xla_flags
+
+    scheduler = xla_flags.cpu_scheduler_for(args.hvp, args.cpu_scheduler)
+    xla_flags.use_cpu_scheduler(scheduler)  # before JAX starts: XLA reads its flags once
     import flax
     import jax
     import jax.numpy as jnp
@@ -283,6 +290,7 @@ def run_jax(args) -> dict:
                 "baseline_rss_gb": gb(baseline_rss), "rss_lowered_gb": gb(rss_lowered),
                 "rss_after_compile_gb": gb(rss_after_compile), "max_rss_gb": gb(common.max_rss_bytes()),
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": args.compilation_cache, "heap": args.heap,
+                "cpu_scheduler": scheduler,
                 "device": f"{dev.platform}:{dev.device_kind}", "jax": jax.__version__}
 
     release()  # what the compiler freed, before the first execution (heap.compile_then_release)
@@ -323,6 +331,8 @@ def run_jax(args) -> dict:
         "iters": args.iters,
         "compilation_cache": args.compilation_cache,
         "heap": args.heap,
+        "cpu_scheduler": scheduler,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "iter_s_median": rounded(common.median(times)),
         "iter_s_all": [rounded(t) for t in times],
         **cpu.per_call(args.iters, prefix="iter_"),

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> int:
 
     config = _CONFIG.value
     try:
+        _choose_cpu_scheduler(config)
         cache = compile_cache.enable(compile_cache.cache_dir(_CACHE.value))
         if cache is not None:
             logging.info("compiled programs are cached in %s (--compilation_cache=none: no cache)", cache)
@@ -77,6 +78,28 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _choose_cpu_scheduler(config) -> None:
+    """XLA CPU's instruction order for this process (`l2t_jax.xla_flags`), set before JAX starts a backend.
+
+    A composition's config (no `hvp` key) keeps XLA's default. Run in a process where
+    JAX already runs (a notebook, a test calling `main`), the flags can no longer
+    change: that is logged and the run goes on, as the order changes no numbers.
+    """
+    from l2t_jax import xla_flags
+    from l2t_jax.run_config import ConfigError
+
+    choice = config.get("cpu_scheduler", "auto")
+    if choice not in xla_flags.CPU_SCHEDULERS:
+        raise ConfigError(f"config.cpu_scheduler={choice!r} is not one of {', '.join(xla_flags.CPU_SCHEDULERS)}")
+    scheduler = xla_flags.cpu_scheduler_for(config.get("hvp", "reverse"), choice)
+    try:
+        xla_flags.use_cpu_scheduler(scheduler)
+    except RuntimeError as e:
+        logging.warning("%s; XLA's flags stay as they are", e)
+        return
+    logging.info("XLA CPU scheduler: %s", scheduler)
 
 
 def _composition(config):

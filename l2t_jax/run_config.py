@@ -59,7 +59,11 @@ Transfer
   remat is off; faster, longer compile for large T). remat and unroll change no numbers:
   a run may resume with either changed. hvp ("reverse" | "mixed"): how the meta-gradient
   differentiates each look-ahead step's gradient (`bilevel.inner_value_and_grad`; "mixed"
-  keeps no inner backward residuals; the same numbers up to rounding).
+  keeps no inner backward residuals; the same numbers up to rounding). cpu_scheduler
+  ("auto" | "concurrency" | "memory"): XLA CPU's instruction order for the whole process,
+  set by `experiments.run` before JAX starts (`l2t_jax.xla_flags`; "auto": depth-first
+  "memory" in mixed mode, fewer temporaries; XLA's default otherwise). It changes no
+  numbers: a run may resume with it changed.
 Models
   source_model, source_weights (.pth/.pth.tar/.msgpack), source_num_classes (0 = from the
   weights), target_model, target_weights (optional initialisation; a classifier of another
@@ -101,10 +105,13 @@ from l2t_jax.models import available_models, model_info
 from l2t_jax.models.layers import CONV_IMPLS
 from l2t_jax.parallel import BN_MODES
 from l2t_jax.transfer import MatchingConfig
+from l2t_jax.xla_flags import CPU_SCHEDULERS
+
 #: config.data_parallel: "" (off), or one of `parallel.BN_MODES`
 DATA_PARALLEL = ("",) + BN_MODES
 # Keys a resumed run may change (they do not affect the numbers).
-RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll", "eval_batch_size"})
+RESUME_MUTABLE_KEYS = frozenset({"progress_bar", "num_workers", "offline", "remat", "unroll", "eval_batch_size",
+                                 "cpu_scheduler"})
 #: config.test_eval
 TEST_EVAL = ("each_eval", "on_improvement", "at_end")
 
@@ -228,6 +235,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = False
     c.unroll = True
     c.hvp = "reverse"
+    c.cpu_scheduler = "auto"
     # models
     c.source_model = "resnet34"
     c.source_weights = ""
@@ -612,6 +620,7 @@ def _check_values(config) -> None:
                               f"(or '': the method's own)")
     _choice(config, "bn_updates", BN_UPDATES)
     _choice(config, "hvp", HVP_MODES)
+    _choice(config, "cpu_scheduler", CPU_SCHEDULERS)
     _choice(config, "lambda_type", transfer.LAMBDA_TYPES)
     _choice(config, "conv_impl", CONV_IMPLS)
     _choice(config, "data_parallel", DATA_PARALLEL)

@@ -242,9 +242,10 @@ def test_compile_cost_first_run_cached_rerun_and_torch(tmp_path):
     out = tmp_path / "compile.json"
     records, stdout = _run("benchmarks.compile_cost", "--setting", "tiny", "--batch", "2", "--T", "1", "--modes", "mixed",
                            "--heaps", "keep", "--iters", "1", "--torch_threads", "1", "--out", str(out))
-    # "keep" (the default, "release", is every other train_step test's): the child reports the setting it ran
-    assert [(r["mode"], r["heap"], r["run"]) for r in records] == [
-        ("mixed", "keep", "first"), ("mixed", "keep", "cached"), ("torch", "-", "-")]
+    # "keep" (the default, "release", is every other train_step test's): the child reports the setting it ran,
+    # and the CPU scheduler "auto" resolved for mixed mode (l2t_jax.xla_flags)
+    assert [(r["mode"], r["heap"], r["scheduler"], r["run"]) for r in records] == [
+        ("mixed", "keep", "memory", "first"), ("mixed", "keep", "memory", "cached"), ("torch", "-", "-", "-")]
     rows = json.loads(out.read_text())["rows"]
     for r in rows:
         assert "error" not in r, r

@@ -452,6 +452,7 @@ def test_missing_or_stale_shared_data_skips_or_under_ci_fails(ci, tmp_path, monk
         ({"dataset": "mnist"}, run_config.ConfigError, r"unknown source"),
         ({"method": "fancy"}, run_config.ConfigError, r"method='fancy' is not one of"),
         ({"nesterov": True}, run_config.ConfigError, r"nesterov"),
+        ({"cpu_scheduler": "fastest"}, run_config.ConfigError, r"cpu_scheduler='fastest' is not one of auto"),
     ],
 )
 def test_bad_configs_fail_before_training(overrides, error, pattern, npz_path, source_weights, tmp_path):
@@ -496,6 +497,19 @@ def test_cli_unknown_key_is_a_clear_error(npz_path, tmp_path):
     assert p.returncode == 2, err
     assert "unknown config key 'meta_lrr' in --config.meta_lrr=1e-3" in err and "meta_lr" in err
     assert "Traceback" not in err
+
+
+def test_cli_chooses_the_cpu_scheduler_before_jax_starts(npz_path, tmp_path):
+    """Mixed mode runs with XLA's depth-first scheduler, set while XLA can still read it; a bad value exits 2."""
+    cfg = _write_config(tmp_path / "cfg.py", npz_path, epochs=1, hvp="mixed")
+    p = _cli(f"--config={cfg}", f"--workdir={tmp_path / 'w'}")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "XLA CPU scheduler: memory" in err and "flags stay" not in err, err
+    p = _cli(f"--config={cfg}", "--config.cpu_scheduler=fastest", f"--workdir={tmp_path / 'w2'}")
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and "Traceback" not in err, err
+    assert "config.cpu_scheduler='fastest' is not one of auto, concurrency, memory" in err
 
 
 def test_cli_sigterm_saves_and_rerun_resumes(npz_path, tmp_path):
