@@ -1,7 +1,8 @@
 """What compiling costs a process: lifetime peak memory and start-up time, first run against a cached rerun.
 
     python -m benchmarks.compile_cost [--setting stl10] [--batch 32] [--T 2] [--modes mixed,off]
-        [--heaps release,keep] [--cpu_schedulers auto,concurrency] [--iters 2] [--timeout 3600] [--out FILE.json]
+        [--heaps release,keep] [--cpu_schedulers auto,concurrency] [--conv_impls auto,im2col] [--iters 2]
+        [--timeout 3600] [--out FILE.json]
 
 A user's process holds its peak memory at its peak, whenever that is. For our
 iteration on XLA's CPU backend that is while the compiler runs, not while training
@@ -19,8 +20,9 @@ Each of our rows is taken for every --heaps setting (`benchmarks.train_step --he
 "release" returns the heap's free memory to the OS after building and after
 compiling, as `experiments.run` does (`l2t_jax.heap`); "keep" never does (plain
 `jax.jit`). And for every --cpu_schedulers setting (`train_step --cpu_scheduler`: XLA
-CPU's instruction order, `l2t_jax.xla_flags`; "auto" resolves per mode). Each (mode, heap, scheduler)
-has its own cache, filled by its "first" row.
+CPU's instruction order, `l2t_jax.xla_flags`; "auto" resolves per mode), and every
+--conv_impls lowering (`train_step --conv_impl`; "auto" resolves per mode,
+`layers.conv_impl_for`). Each combination has its own cache, filled by its "first" row.
 
 Per row: max_rss_gb (the child's lifetime peak RSS from the kernel, `wait4`),
 peak_mem_gb (RSS sampled during the timed iterations), first_call_s (compile and
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heaps", default="release", help="comma-separated subset of release,keep (train_step --heap)")
     p.add_argument("--cpu_schedulers", default="auto",
                    help="comma-separated subset of auto,concurrency,memory (train_step --cpu_scheduler)")
+    p.add_argument("--conv_impls", default="auto",
+                   help="comma-separated convolution lowerings (train_step --conv_impl; auto: im2col_loop in mixed mode on CPU)")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads in the PyTorch child")
@@ -68,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.cpu_schedulers = [c.strip() for c in args.cpu_schedulers.split(",") if c.strip()]
     if not args.cpu_schedulers or any(c not in ("auto", "concurrency", "memory") for c in args.cpu_schedulers):
         p.error("--cpu_schedulers must be a comma-separated subset of auto,concurrency,memory")
+    impls = ("auto", "xla", "im2col", "im2col_single", "im2col_loop")
+    args.conv_impls = [c.strip() for c in args.conv_impls.split(",") if c.strip()]
+    if not args.conv_impls or any(c not in impls for c in args.conv_impls):
+        p.error(f"--conv_impls must be a comma-separated subset of {','.join(impls)}")
     return args
 
 
@@ -82,17 +90,17 @@ def _child(cmd: list[str], timeout: float | None, row: dict) -> dict | None:
     return common.parse_last_json(text)
 
 
-def measure_ours(args, mode: str, heap: str, run: str, cache: str, scheduler: str = "auto") -> dict:
+def measure_ours(args, mode: str, heap: str, run: str, cache: str, scheduler: str = "auto", conv_impl: str = "auto") -> dict:
     remat, unroll, hvp = MODES[mode]
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--setting", args.setting, "--batch", str(args.batch),
            "--T", str(args.T), "--iters", str(args.iters), "--hvp", hvp, "--no_plain", "--compilation_cache", cache,
-           "--heap", heap, "--cpu_scheduler", scheduler]
+           "--heap", heap, "--cpu_scheduler", scheduler, "--conv_impl", conv_impl]
     cmd += ["--remat"] if remat else []
     cmd += [] if unroll else ["--no_unroll"]
-    row = {"mode": mode, "heap": heap, "scheduler": scheduler, "run": run}
+    row = {"mode": mode, "heap": heap, "scheduler": scheduler, "conv_impl": conv_impl, "run": run}
     r = _child(cmd, args.timeout, row)
     if r is not None:
-        row.update(heap=r["heap"], scheduler=r["cpu_scheduler"], first_call_s=r["first_call_s"], compile_s=r["compile_s"], iter_s_median=r["iter_s_median"],
+        row.update(heap=r["heap"], scheduler=r["cpu_scheduler"], conv_impl=r["conv_impl_used"], first_call_s=r["first_call_s"], compile_s=r["compile_s"], iter_s_median=r["iter_s_median"],
                    peak_mem_gb=r["peak_mem_gb"], rss_before_iters_gb=r.get("rss_before_iters_gb"),
                    xla_temp_gb=r.get("xla_temp_gb"), loadavg_1m=r.get("loadavg_1m"))
     return row
@@ -102,7 +110,7 @@ def measure_torch(args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.torch_reference", "--setting", args.setting, "--batch", str(args.batch),
            "--T", str(args.T), "--iters", str(args.iters), "--no_plain"]
     cmd += ["--threads", str(args.torch_threads)] if args.torch_threads else []
-    row = {"mode": "torch", "heap": "-", "scheduler": "-", "run": "-"}
+    row = {"mode": "torch", "heap": "-", "scheduler": "-", "conv_impl": "-", "run": "-"}
     r = _child(cmd, args.timeout, row)
     if r is not None:
         row.update(first_call_s=r.get("torch_first_iter_s"), compile_s=None, iter_s_median=r["torch_iter_s_median"],
@@ -112,10 +120,10 @@ def measure_torch(args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | heap | CPU scheduler | run | lifetime peak GB | ÷ PyTorch's | peak while training GB | compile + first iteration s | compile s | s/iter | child wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | heap | CPU scheduler | convolution | run | lifetime peak GB | ÷ PyTorch's | peak while training GB | compile + first iteration s | compile s | s/iter | child wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r["mode"], r["heap"], r.get("scheduler"), r["run"], r.get("max_rss_gb"), r.get("max_rss_vs_torch"), r.get("peak_mem_gb"),
+        cells = [r["mode"], r["heap"], r.get("scheduler"), r.get("conv_impl"), r["run"], r.get("max_rss_gb"), r.get("max_rss_vs_torch"), r.get("peak_mem_gb"),
                  r.get("first_call_s"), r.get("compile_s"), r.get("iter_s_median"), r.get("child_wall_s")]
         lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -127,11 +135,12 @@ def main(argv=None) -> list[dict]:
     for mode in args.modes:
         for heap in args.heaps:
             for scheduler in args.cpu_schedulers:
-                with tempfile.TemporaryDirectory(prefix="l2t_compile_cost_") as cache:
-                    for run in ("first", "cached"):
-                        log(f"{mode}, heap {heap}, CPU scheduler {scheduler}, {run} run (cache {cache})")
-                        rows.append(measure_ours(args, mode, heap, run, cache, scheduler))
-                        common.emit(rows[-1])
+                for conv_impl in args.conv_impls:
+                    with tempfile.TemporaryDirectory(prefix="l2t_compile_cost_") as cache:
+                        for run in ("first", "cached"):
+                            log(f"{mode}, heap {heap}, CPU scheduler {scheduler}, conv {conv_impl}, {run} run")
+                            rows.append(measure_ours(args, mode, heap, run, cache, scheduler, conv_impl))
+                            common.emit(rows[-1])
     if not args.no_torch:
         log("the PyTorch twin")
         rows.append(measure_torch(args))

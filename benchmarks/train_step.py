@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="BilevelConfig(unroll=False): the look-ahead steps as a loop (default: unrolled)")
     p.add_argument("--hvp", default="reverse", choices=("reverse", "mixed"),
                    help="BilevelConfig(hvp=...): reverse over reverse, or mixed (forward-over-reverse HVPs)")
-    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
+    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single", "im2col_loop"),
+                   help="convolution lowering (l2t_jax.models.layers; auto: im2col on CPU, im2col_loop there in mixed mode)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameters and activations (BN running statistics stay float32)")
     p.add_argument("--pairs", default=None, help="default: the setting's (all_to_all)")
@@ -121,11 +122,13 @@ def build(args):
 
     from l2t_jax import bilevel, transfer
     from l2t_jax.models import get_model, model_info
+    from l2t_jax.models.layers import conv_impl_for
 
     s = common.setting(args.setting)
     dtype = jnp.dtype(args.dtype)
-    target = get_model(s.target, s.target_classes, conv_impl=args.conv_impl)
-    source = get_model(s.source, s.source_classes, conv_impl=args.conv_impl)
+    conv_impl = conv_impl_for(args.conv_impl, args.hvp)  # as experiments.run: "auto" is the tap loop in mixed mode on CPU
+    target = get_model(s.target, s.target_classes, conv_impl=conv_impl)
+    source = get_model(s.source, s.source_classes, conv_impl=conv_impl)
     pairs = transfer.resolve_pairs(args.pairs or s.pairs, s.source, s.target, s.image_size)
     cfg = bilevel.BilevelConfig(matching=transfer.MatchingConfig(pairs=pairs, method="l2t_ww"), T=args.T, remat=args.remat,
                                  unroll=not args.no_unroll, hvp=args.hvp)
@@ -247,6 +250,7 @@ def run_jax(args) -> dict:
     import jaxlib
 
     from l2t_jax import bilevel, heap
+    from l2t_jax.models.layers import conv_impl_for
 
     release = heap.release_free_memory if args.heap == "release" else (lambda: False)
     if args.compilation_cache:
@@ -285,7 +289,8 @@ def run_jax(args) -> dict:
     if args.memory_only:
         return {"benchmark": "train_step", "memory_only": True, "setting": args.setting, "batch": args.batch,
                 "T": args.T, "remat": bool(args.remat), "unroll": cfg.unrolled, "hvp": args.hvp,
-                "conv_impl": args.conv_impl, "dtype": args.dtype, "num_pairs": len(pairs),
+                "conv_impl": args.conv_impl, "conv_impl_used": conv_impl_for(args.conv_impl, args.hvp),
+                "dtype": args.dtype, "num_pairs": len(pairs),
                 "compile_s": rounded(compile_s, 2), "lower_s": rounded(lower_s, 2), **mem,
                 "baseline_rss_gb": gb(baseline_rss), "rss_lowered_gb": gb(rss_lowered),
                 "rss_after_compile_gb": gb(rss_after_compile), "max_rss_gb": gb(common.max_rss_bytes()),
@@ -327,6 +332,7 @@ def run_jax(args) -> dict:
         "unroll": cfg.unrolled,
         "hvp": args.hvp,
         "conv_impl": args.conv_impl,
+        "conv_impl_used": conv_impl_for(args.conv_impl, args.hvp),
         "dtype": args.dtype,
         "iters": args.iters,
         "compilation_cache": args.compilation_cache,

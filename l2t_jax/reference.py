@@ -130,7 +130,8 @@ def load_case(case_dir: str | Path, dtype: str = "float64", conv_impl: str = "au
       case_dir: the folder.
       dtype: "float64" (the float32 checkpoint cast up, as the reference's float64
         figures) or "float32".
-      conv_impl: convolution lowering of both models.
+      conv_impl: convolution lowering of both models ("auto": as `experiments.run`
+        picks it, `layers.conv_impl_for`).
       hvp: how the meta-gradient differentiates the inner gradients ("reverse" | "mixed").
     """
     case_dir = Path(case_dir)
@@ -140,6 +141,7 @@ def load_case(case_dir: str | Path, dtype: str = "float64", conv_impl: str = "au
     from l2t_jax import bilevel, transfer
     from l2t_jax.io.torch_layout import load_pretrained
     from l2t_jax.models import get_model, model_info
+    from l2t_jax.models.layers import conv_impl_for
     from l2t_jax.reference_run import load_reference_run
 
     config = json.loads((case_dir / "config.json").read_text())
@@ -179,6 +181,7 @@ def load_case(case_dir: str | Path, dtype: str = "float64", conv_impl: str = "au
     )
     lr = float(config.get("lr", hyper["lr"]))
 
+    conv_impl = conv_impl_for(conv_impl, hvp)  # as the runner: "auto" in mixed mode is the tap loop on CPU
     target = get_model(tgt_name, int(config["num_classes"]), conv_impl=conv_impl)
     source = get_model(src_name, source_classes, conv_impl=conv_impl)
     params = _cast({"model": run.variables["params"], "branch": run.branch}, dt)
@@ -466,7 +469,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if out:
             p.add_argument("--out", type=Path, required=True)
         p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-        p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single"))
+        p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single", "im2col_loop"))
         p.add_argument("--hvp", choices=("reverse", "mixed"), default="reverse",
                        help="meta-gradient mode: reverse over reverse, or mixed (forward-over-reverse HVPs)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")

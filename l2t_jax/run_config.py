@@ -67,7 +67,8 @@ Transfer
 Models
   source_model, source_weights (.pth/.pth.tar/.msgpack), source_num_classes (0 = from the
   weights), target_model, target_weights (optional initialisation; a classifier of another
-  size is re-initialised), conv_impl ("auto" | "xla" | "im2col").
+  size is re-initialised), conv_impl ("auto" | "xla" | "im2col" | "im2col_single" |
+  "im2col_loop"; "auto": im2col on CPU, "im2col_loop" there in mixed mode, XLA's elsewhere).
 Run
   data_parallel      "" (one device) | "sync" | "local": the training step data-parallel
                      over this process's devices (`l2t_jax.parallel`; the batch split across

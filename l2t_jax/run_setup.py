@@ -20,6 +20,7 @@ import numpy as np
 from l2t_jax import bilevel, data as data_lib
 from l2t_jax.io.weights_file import load_weights
 from l2t_jax.models import get_model, init_model, model_info
+from l2t_jax.models.layers import conv_impl_for
 from l2t_jax.run_config import ConfigError, DataSpec, RunSpec
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def build(spec: RunSpec, num_classes: int) -> Setup:
     the state's key); `target.weights`, when given, replace them (a classifier of
     another size keeps its fresh initialisation).
     """
-    target = get_model(spec.target.model, num_classes, conv_impl=spec.target.conv_impl)
+    conv_impl = conv_impl_for(spec.target.conv_impl, spec.bilevel.hvp)  # "auto": the tap loop in mixed mode on CPU
+    target = get_model(spec.target.model, num_classes, conv_impl=conv_impl)
     key_init, key_state = jax.random.split(jax.random.key(spec.seed))
     target_vars = init_model(target, key_init, spec.data.image_size)
     if spec.target.weights:
@@ -144,7 +146,7 @@ def build(spec: RunSpec, num_classes: int) -> Setup:
         loaded = load_weights(os.path.expanduser(src.weights), src.model, src.num_classes or None)
         n = int(np.shape(loaded["params"]["fc"]["kernel"])[1])
         n_source = n if n_source is None else n_source
-        sources.append(get_model(src.model, n, conv_impl=spec.target.conv_impl))
+        sources.append(get_model(src.model, n, conv_impl=conv_impl))
         source_vars_list.append(_float32_on_device(loaded))
     if len(sources) > 1:
         source, source_vars = tuple(sources), tuple(source_vars_list)

@@ -244,8 +244,10 @@ def test_compile_cost_first_run_cached_rerun_and_torch(tmp_path):
                            "--heaps", "keep", "--iters", "1", "--torch_threads", "1", "--out", str(out))
     # "keep" (the default, "release", is every other train_step test's): the child reports the setting it ran,
     # and the CPU scheduler "auto" resolved for mixed mode (l2t_jax.xla_flags)
-    assert [(r["mode"], r["heap"], r["scheduler"], r["run"]) for r in records] == [
-        ("mixed", "keep", "memory", "first"), ("mixed", "keep", "memory", "cached"), ("torch", "-", "-", "-")]
+    # and the convolution "auto" resolved for mixed mode (layers.conv_impl_for)
+    assert [(r["mode"], r["heap"], r["scheduler"], r["conv_impl"], r["run"]) for r in records] == [
+        ("mixed", "keep", "memory", "im2col_loop", "first"), ("mixed", "keep", "memory", "im2col_loop", "cached"),
+        ("torch", "-", "-", "-", "-")]
     rows = json.loads(out.read_text())["rows"]
     for r in rows:
         assert "error" not in r, r

@@ -218,6 +218,60 @@ def test_im2col_conv_groupings_equal_xla_conv_to_second_order(k, stride, padding
         assert _l2(a, b) <= 1e-14, (name, _l2(a, b))  # measured <= 1.1e-15
 
 
+@pytest.mark.parametrize("k,stride,padding,cin", [(3, 1, 1, 100), (3, 2, 1, 64), (7, 2, 3, 3), (1, 2, 0, 300)])
+def test_im2col_loop_conv_equals_xla_conv_to_second_order(k, stride, padding, cin):
+    """The tap-loop derivative is the same convolution's: value, gradients, a jvp of the gradient
+    (mixed mode's pattern) and a vjp of the gradient (reverse over reverse) equal XLA's conv in float64."""
+    from l2t_jax.models.layers import im2col_loop_conv, xla_conv
+
+    x, w, _ = _conv_problem(1, 2, 9, cin, 8, k, np.float64)
+    tx, tw, _ = _conv_problem(2, 2, 9, cin, 8, k, np.float64)
+    g = np.random.default_rng(3).standard_normal(xla_conv(x, w, stride, padding).shape)
+
+    def derivatives(conv, x, w, g, tx, tw):
+        def loss(x, w):
+            return jnp.sum(jnp.tanh(conv(x, w)) * g)
+
+        grad = jax.grad(loss, argnums=(0, 1))
+        _, grad_vjp = jax.vjp(grad, x, w)
+        return (conv(x, w), *grad(x, w), *jax.jvp(grad, (x, w), (tx, tw))[1], *grad_vjp((tx, tw)))
+
+    def at(conv):
+        return jax.jit(functools.partial(derivatives, conv))(x, w, g, tx, tw)
+
+    ours = at(lambda x, w: im2col_loop_conv(x, w, stride, padding))
+    ref = at(lambda x, w: xla_conv(x, w, stride, padding))
+    for name, a, b in zip(("y", "dx", "dw", "jvp_x", "jvp_w", "vjp_x", "vjp_w"), ours, ref):
+        assert a.shape == b.shape and a.dtype == np.float64, name
+        assert _l2(a, b) <= 1e-14, (name, _l2(a, b))
+
+
+def test_im2col_loop_conv_float32_gradients_near_float64():
+    """In float32 the tap loop's gradients stay as close to float64 as autodiff's (3.5e-7, relative L2)."""
+    from l2t_jax.models.layers import im2col_loop_conv
+
+    def value_and_grads(x, w, g):
+        y, vjp = jax.vjp(lambda x, w: im2col_loop_conv(x, w, 1, 1), x, w)
+        return (y, *vjp(g))
+
+    f = jax.jit(value_and_grads)
+    x, w, g = _conv_problem(0, 4, 8, 256, 256, 3, np.float32)
+    ours = f(x, w, g)
+    exact = f(x.astype(np.float64), w.astype(np.float64), g.astype(np.float64))
+    for name, a, b in zip(("y", "dx", "dw"), ours, exact):
+        assert a.dtype == np.float32
+        assert _l2(a, b) <= 3.5e-7, (name, _l2(a, b))
+
+
+def test_auto_lowering_is_the_tap_loop_in_mixed_mode_on_cpu_only():
+    from l2t_jax.models.layers import conv_impl_for
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert conv_impl_for("auto", "mixed") == ("im2col_loop" if on_cpu else "auto")
+    assert conv_impl_for("auto", "reverse") == "auto"
+    assert conv_impl_for("im2col", "mixed") == "im2col" and conv_impl_for("xla", "mixed") == "xla"
+
+
 def structured_images(n: int, size: int, seed: int) -> np.ndarray:
     """uint8 (n, size, size, 3) images: smooth colour gradients, blobs and noise."""
     rng = np.random.default_rng(seed)

@@ -68,6 +68,20 @@ def test_loop_resolves_the_config_once(tmp_path, monkeypatch):
     assert loop.train(spec, tmp_path / "run2")["steps"] == 3 and len(calls) == 1
 
 
+def test_mixed_mode_builds_tap_loop_convolutions_unless_told_otherwise(tmp_path):
+    """run_setup.build: conv_impl "auto" in mixed mode gives the tap-loop derivative on CPU
+    (`layers.conv_impl_for`); reverse mode and an explicit lowering keep theirs."""
+    import jax
+
+    from l2t_jax import run_setup
+
+    npz = write_digits_npz(tmp_path / "d.npz")
+    expected = "im2col_loop" if jax.default_backend() == "cpu" else "auto"
+    for overrides, impl in (({"hvp": "mixed"}, expected), ({}, "auto"), ({"hvp": "mixed", "conv_impl": "xla"}, "xla")):
+        spec = run_config.resolve(tiny_config(f"npz:{npz}", **overrides))
+        assert run_setup.build(spec, 10).models.target.conv_impl == impl, overrides
+
+
 # --------------------------------------------------------------------------- the dataset parser
 
 

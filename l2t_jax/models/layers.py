@@ -11,7 +11,9 @@ imported from the reference produce the same numbers:
   benchmarks.conv_accuracy --impls xla,im2col` times both). It splits the
   k*k*C_in contraction into groups of taps of at most `IM2COL_MAX_CONTRACTION`
   and sums the group products: XLA's CPU float32 dot loses accuracy on long
-  contractions (see `im2col_conv`).
+  contractions (see `im2col_conv`). A third, `im2col_loop_conv`, is the same
+  forward with a reverse-mode derivative that loops over the taps (fewer
+  temporaries; what mixed mode gets on CPU, `conv_impl_for`).
 * `BatchNorm`: batch statistics in training mode, biased variance for the
   normalisation, *unbiased* variance for the running estimate, momentum 0.1 in
   PyTorch's convention, eps 1e-5.
@@ -23,6 +25,7 @@ Every matmul asks for `Precision.HIGHEST`, so float32 stays true float32 on GPU
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -38,8 +41,9 @@ Initializer = Callable[..., Array]
 #: groups of taps), "auto" (im2col on CPU, XLA's convolution elsewhere), and
 #: "im2col_single" (one matmul over the whole k*k*C_in patch: the former "im2col",
 #: faster on CPU but less accurate in float32, see the README's "Speed and memory";
-#: kept for benchmarks/conv_accuracy.py).
-CONV_IMPLS = ("auto", "xla", "im2col", "im2col_single")
+#: kept for benchmarks/conv_accuracy.py), "im2col_loop" ("im2col" with a reverse-mode
+#: derivative that loops over the taps: `im2col_loop_conv`; "auto" in mixed mode on CPU).
+CONV_IMPLS = ("auto", "xla", "im2col", "im2col_single", "im2col_loop")
 
 #: Longest contraction (taps x C_in) one matmul of the "im2col" lowering accumulates,
 #: unless a single tap is longer. XLA's CPU float32 dot loses accuracy as its
@@ -145,6 +149,76 @@ def im2col_conv(
     return out.reshape(b, ho, wo, cout)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def im2col_loop_conv(
+    x: Array, kernel: Array, stride: int, padding: int, max_contraction: int | None = IM2COL_MAX_CONTRACTION
+) -> Array:
+    """`im2col_conv`, whose reverse-mode derivative takes the taps one at a time in a loop.
+
+    The same forward values. Autodiff of `im2col_conv` builds the input's gradient as
+    kh*kw tap cotangents, each padded to the input's size, alive at once before they
+    are summed (nine (B, H+2p, W+2p, C_in) buffers for a 3x3 kernel). This derivative
+    keeps only x and the kernel and runs a `fori_loop` over the taps: per tap, its
+    slice of the padded input gives the kernel rows' gradient (contracting over
+    B*H_out*W_out, as autodiff does), and dy times the tap's kernel rows is added into
+    one padded input gradient. Equal to autodiff's up to the order of the sum.
+
+    For mixed mode (`BilevelConfig.hvp="mixed"`), whose forward-over-reverse products
+    differentiate this derivative once more in forward mode only: it lowers XLA's
+    temporaries (`conv_impl_for`). Under reverse-over-reverse the outer pass keeps the
+    loop's carry for every tap, which costs more than it saves (results/benchmarks/
+    README.md, "Compilation"), so "auto" never picks it there. Shapes as `im2col_conv`.
+    """
+    return im2col_conv(x, kernel, stride, padding, max_contraction)
+
+
+def _im2col_loop_fwd(x, kernel, stride, padding, max_contraction):
+    return im2col_conv(x, kernel, stride, padding, max_contraction), (x, kernel)
+
+
+def _im2col_loop_bwd(stride, padding, max_contraction, residuals, dy):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    b, h, w, _ = x.shape
+    ho, wo = dy.shape[1], dy.shape[2]
+    span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1  # a tap's extent in the padded input
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    tap_kernels = kernel.reshape(kh * kw, cin, cout)
+    dy_rows = dy.reshape(-1, cout)
+
+    def one_tap(t, carry):
+        dxp, dkernel = carry
+        i, j = t // kw, t % kw
+        tap = lax.dynamic_slice(xp, (0, i, j, 0), (b, span_h, span_w, cin))[:, ::stride, ::stride, :].reshape(-1, cin)
+        dk_t = lax.dot_general(tap, dy_rows, (((0,), (0,)), ((), ())), precision=_HIGHEST)  # (C_in, C_out)
+        dkernel = lax.dynamic_update_index_in_dim(dkernel, dk_t, t, 0)
+        w_t = lax.dynamic_index_in_dim(tap_kernels, t, 0, keepdims=False)
+        dtap = jnp.matmul(dy_rows, w_t.T, precision=_HIGHEST).reshape(b, ho, wo, cin)
+        if stride > 1:  # back to the tap's strided positions
+            zero = jnp.zeros((), dtap.dtype)
+            dtap = lax.pad(dtap, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
+        window = lax.dynamic_slice(dxp, (0, i, j, 0), dtap.shape)
+        return lax.dynamic_update_slice(dxp, window + dtap, (0, i, j, 0)), dkernel
+
+    dxp, dkernel = lax.fori_loop(0, kh * kw, one_tap, (jnp.zeros_like(xp), jnp.zeros_like(tap_kernels)))
+    return dxp[:, padding : padding + h, padding : padding + w, :], dkernel.reshape(kernel.shape)
+
+
+im2col_loop_conv.defvjp(_im2col_loop_fwd, _im2col_loop_bwd)
+
+
+def conv_impl_for(impl: str, hvp: str) -> str:
+    """The lowering a model gets for a meta-gradient mode: "auto" becomes "im2col_loop" in mixed mode on CPU.
+
+    Measured there (stl10, T = 2, depth-first scheduling): XLA's temporaries 1.64 to 1.37
+    GB at batch 128 (results/benchmarks/README.md, "The tap loop"). Any other choice
+    is kept.
+    """
+    if impl == "auto" and hvp == "mixed" and jax.default_backend() == "cpu":
+        return "im2col_loop"
+    return impl
+
+
 def xla_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     """The same convolution through `lax.conv_general_dilated` (shapes as `im2col_conv`)."""
     return lax.conv_general_dilated(
@@ -179,7 +253,8 @@ class Conv2d(nn.Module):
             y = xla_conv(x, kernel, self.stride, self.padding)
         else:
             max_contraction = None if impl == "im2col_single" else IM2COL_MAX_CONTRACTION
-            y = im2col_conv(x, kernel, self.stride, self.padding, max_contraction)
+            conv = im2col_loop_conv if impl == "im2col_loop" else im2col_conv
+            y = conv(x, kernel, self.stride, self.padding, max_contraction)
         if self.use_bias:
             bias = self.param("bias", self.bias_init or nn.initializers.zeros, (self.features,))
             y = y + bias.astype(y.dtype)
