@@ -190,12 +190,14 @@ def test_im2col_conv_float32_forward_and_gradients_near_float64(cin, cout):
         assert _l2(a, b) <= 3.5e-7, (name, _l2(a, b))
 
 
-@pytest.mark.parametrize("k,stride,padding,cin", [(3, 1, 1, 100), (3, 2, 1, 64), (7, 2, 3, 3), (1, 2, 0, 300)])
-@pytest.mark.parametrize("max_contraction", [None, 1, 150, 256])
-def test_im2col_conv_groupings_equal_xla_conv_to_second_order(k, stride, padding, cin, max_contraction):
-    """Every tap grouping is the same convolution: value, gradients and a jvp of the
-    gradient (the meta-gradient's Hessian-vector pattern) equal XLA's conv in float64."""
-    from l2t_jax.models.layers import im2col_conv, xla_conv
+CONV_SHAPES = [(3, 1, 1, 100), (3, 2, 1, 64), (7, 2, 3, 3), (1, 2, 0, 300)]  # (k, stride, padding, C_in)
+
+
+def _second_order_against_xla_conv(conv, k, stride, padding, cin, with_vjp):
+    """`conv(x, w)` against XLA's convolution in float64 (relative L2 <= 1e-14): the value, both
+    gradients of sum(tanh(conv) * g), a jvp of that gradient (the meta-gradient's Hessian-vector
+    pattern in mixed mode) and, if `with_vjp`, a vjp of it (reverse over reverse)."""
+    from l2t_jax.models.layers import xla_conv
 
     x, w, _ = _conv_problem(1, 2, 9, cin, 8, k, np.float64)
     tx, tw, _ = _conv_problem(2, 2, 9, cin, 8, k, np.float64)
@@ -206,44 +208,37 @@ def test_im2col_conv_groupings_equal_xla_conv_to_second_order(k, stride, padding
             return jnp.sum(jnp.tanh(conv(x, w)) * g)
 
         grad = jax.grad(loss, argnums=(0, 1))
-        return (conv(x, w), *grad(x, w), *jax.jvp(grad, (x, w), (tx, tw))[1])
+        out = (conv(x, w), *grad(x, w), *jax.jvp(grad, (x, w), (tx, tw))[1])
+        return out + (tuple(jax.vjp(grad, x, w)[1]((tx, tw))) if with_vjp else ())
 
     def at(conv):
         return jax.jit(functools.partial(derivatives, conv))(x, w, g, tx, tw)
 
-    ours = at(lambda x, w: im2col_conv(x, w, stride, padding, max_contraction))
+    ours = at(conv)
     ref = at(lambda x, w: xla_conv(x, w, stride, padding))
-    for name, a, b in zip(("y", "dx", "dw", "hvp_x", "hvp_w"), ours, ref):
+    assert len(ours) == (7 if with_vjp else 5)
+    for name, a, b in zip(("y", "dx", "dw", "jvp_x", "jvp_w", "vjp_x", "vjp_w"), ours, ref):
         assert a.shape == b.shape and a.dtype == np.float64, name
         assert _l2(a, b) <= 1e-14, (name, _l2(a, b))  # measured <= 1.1e-15
 
 
-@pytest.mark.parametrize("k,stride,padding,cin", [(3, 1, 1, 100), (3, 2, 1, 64), (7, 2, 3, 3), (1, 2, 0, 300)])
+@pytest.mark.parametrize("k,stride,padding,cin", CONV_SHAPES)
+@pytest.mark.parametrize("max_contraction", [None, 1, 150, 256])
+def test_im2col_conv_groupings_equal_xla_conv_to_second_order(k, stride, padding, cin, max_contraction):
+    """Every tap grouping is the same convolution, to second order."""
+    from l2t_jax.models.layers import im2col_conv
+
+    conv = functools.partial(im2col_conv, stride=stride, padding=padding, max_contraction=max_contraction)
+    _second_order_against_xla_conv(conv, k, stride, padding, cin, with_vjp=False)
+
+
+@pytest.mark.parametrize("k,stride,padding,cin", CONV_SHAPES)
 def test_im2col_loop_conv_equals_xla_conv_to_second_order(k, stride, padding, cin):
-    """The tap-loop derivative is the same convolution's: value, gradients, a jvp of the gradient
-    (mixed mode's pattern) and a vjp of the gradient (reverse over reverse) equal XLA's conv in float64."""
-    from l2t_jax.models.layers import im2col_loop_conv, xla_conv
+    """The tap-loop derivative is the same convolution's, to second order in both modes."""
+    from l2t_jax.models.layers import im2col_loop_conv
 
-    x, w, _ = _conv_problem(1, 2, 9, cin, 8, k, np.float64)
-    tx, tw, _ = _conv_problem(2, 2, 9, cin, 8, k, np.float64)
-    g = np.random.default_rng(3).standard_normal(xla_conv(x, w, stride, padding).shape)
-
-    def derivatives(conv, x, w, g, tx, tw):
-        def loss(x, w):
-            return jnp.sum(jnp.tanh(conv(x, w)) * g)
-
-        grad = jax.grad(loss, argnums=(0, 1))
-        _, grad_vjp = jax.vjp(grad, x, w)
-        return (conv(x, w), *grad(x, w), *jax.jvp(grad, (x, w), (tx, tw))[1], *grad_vjp((tx, tw)))
-
-    def at(conv):
-        return jax.jit(functools.partial(derivatives, conv))(x, w, g, tx, tw)
-
-    ours = at(lambda x, w: im2col_loop_conv(x, w, stride, padding))
-    ref = at(lambda x, w: xla_conv(x, w, stride, padding))
-    for name, a, b in zip(("y", "dx", "dw", "jvp_x", "jvp_w", "vjp_x", "vjp_w"), ours, ref):
-        assert a.shape == b.shape and a.dtype == np.float64, name
-        assert _l2(a, b) <= 1e-14, (name, _l2(a, b))
+    _second_order_against_xla_conv(lambda x, w: im2col_loop_conv(x, w, stride, padding), k, stride, padding, cin,
+                                   with_vjp=True)
 
 
 def test_im2col_loop_conv_float32_gradients_near_float64():
