@@ -63,20 +63,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or any(m not in MODES for m in args.modes):
-        p.error(f"--modes must be a comma-separated subset of {','.join(MODES)}")
-    args.heaps = [h.strip() for h in args.heaps.split(",") if h.strip()]
-    if not args.heaps or any(h not in ("release", "keep") for h in args.heaps):
-        p.error("--heaps must be a comma-separated subset of release,keep")
-    args.cpu_schedulers = [c.strip() for c in args.cpu_schedulers.split(",") if c.strip()]
-    if not args.cpu_schedulers or any(c not in ("auto", "concurrency", "memory") for c in args.cpu_schedulers):
-        p.error("--cpu_schedulers must be a comma-separated subset of auto,concurrency,memory")
-    impls = ("auto", "xla", "im2col", "im2col_single", "im2col_loop")
-    args.conv_impls = [c.strip() for c in args.conv_impls.split(",") if c.strip()]
-    if not args.conv_impls or any(c not in impls for c in args.conv_impls):
-        p.error(f"--conv_impls must be a comma-separated subset of {','.join(impls)}")
+    args.modes = _subset(p, "--modes", args.modes, tuple(MODES))
+    args.heaps = _subset(p, "--heaps", args.heaps, ("release", "keep"))
+    args.cpu_schedulers = _subset(p, "--cpu_schedulers", args.cpu_schedulers, ("auto", "concurrency", "memory"))
+    args.conv_impls = _subset(p, "--conv_impls", args.conv_impls, ("auto", "xla", "im2col", "im2col_single", "im2col_loop"))
     return args
+
+
+def _subset(p: argparse.ArgumentParser, flag: str, value: str, choices: tuple[str, ...]) -> list[str]:
+    """The comma-separated `value` of `flag` as a list, or an argparse error (exit 2) naming the choices."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items or any(v not in choices for v in items):
+        p.error(f"{flag} must be a comma-separated subset of {','.join(choices)}")
+    return items
 
 
 def _child(cmd: list[str], timeout: float | None, row: dict) -> dict | None:
