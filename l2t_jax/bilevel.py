@@ -374,6 +374,7 @@ def inner_value_and_grad(
     consts: PyTree,
     *,
     hvp: str = "reverse",
+    theta_differentiated: bool | Array = True,
 ) -> tuple[tuple[Array, PyTree], PyTree]:
     """((loss, aux), ∇_θ loss) of one look-ahead step's objective, differentiable twice.
 
@@ -390,6 +391,11 @@ def inner_value_and_grad(
       (the Hessian is symmetric). The look-ahead then holds no inner backward
       residuals (MixFlow-MG, Kemaev et al., ICML 2025).
 
+    Where θ does not depend on what the caller differentiates (the look-ahead's first
+    step: θ₁ does not depend on φ), only ∂²L/∂φ'∂θ v is needed. That is a forward-mode
+    derivative of the losses φ' weights, so "mixed" mode then skips the tangent
+    backward pass through the network, most of a Hessian-vector product's cost.
+
     Args:
       objective: f(θ, φ', consts) -> (scalar loss, aux); it must close over static
         values only (the arrays it reads come in through `consts`).
@@ -397,6 +403,9 @@ def inner_value_and_grad(
       meta_out: φ' (e.g. the weight networks' outputs), differentiated through.
       consts: arrays the loss reads but that are not differentiated (batch, BN statistics).
       hvp: "reverse" | "mixed".
+      theta_differentiated: "mixed" mode only: False (a Python bool, or a traced
+        boolean scalar inside a loop) promises that θ's cotangent is discarded, and
+        the backward pass returns zeros for it instead of ∂²L/∂θ² v.
     Returns:
       ((loss, aux), grads like θ). `aux` is not differentiable in "mixed" mode.
     """
@@ -409,11 +418,11 @@ def inner_value_and_grad(
         return objective(t, m, c)[0]
 
     @jax.custom_vjp
-    def value_and_grad(t, m, c):
+    def value_and_grad(t, m, c, flag):
         return jax.value_and_grad(objective, has_aux=True)(t, m, c)
 
-    def fwd(t, m, c):
-        return value_and_grad(t, m, c), (t, m, c)
+    def fwd(t, m, c, flag):
+        return value_and_grad(t, m, c, flag), (t, m, c, flag)
 
     def bwd(res, cotangent):
         # One barrier over the residuals and the cotangent: the forward recomputation
@@ -426,17 +435,26 @@ def inner_value_and_grad(
         # GB; stl10 batch 128, 2.18 and 2.19 GB at T = 1, 2.07 and 2.08 at T = 2, 2.28
         # and 2.29 at T = 8). On a toy network at T = 1 it costs instead (4.98 against
         # 2.62 MB in tests/test_bilevel.py's memory test, which therefore starts at T = 2).
-        (t, m, c), cotangent = lax.optimization_barrier((res, cotangent))
+        (t, m, c, flag), cotangent = lax.optimization_barrier((res, cotangent))
         (loss_bar, _), v = cotangent  # aux (BN statistics) carries no gradient
         grad_fn = jax.grad(loss_only, argnums=(0, 1))
         zeros_m = jax.tree.map(jnp.zeros_like, m)
-        (g_t, g_m), (h_t, h_m) = jax.jvp(lambda a, b: grad_fn(a, b, c), (t, m), (v, zeros_m))
-        t_bar = jax.tree.map(lambda h, g: h + loss_bar * g, h_t, g_t)
-        m_bar = jax.tree.map(lambda h, g: h + loss_bar * g, h_m, g_m)
-        return t_bar, m_bar, None
+
+        def products(with_theta: bool):
+            (g_t, g_m), (h_t, h_m) = jax.jvp(lambda a, b: grad_fn(a, b, c), (t, m), (v, zeros_m))
+            m_bar = jax.tree.map(lambda h, g: h + loss_bar * g, h_m, g_m)
+            if not with_theta:  # h_t and g_t unused: XLA removes the tangent backward pass
+                return jax.tree.map(jnp.zeros_like, t), m_bar
+            return jax.tree.map(lambda h, g: h + loss_bar * g, h_t, g_t), m_bar
+
+        if isinstance(theta_differentiated, bool):  # known when traced: no branch
+            t_bar, m_bar = products(theta_differentiated)
+        else:
+            t_bar, m_bar = lax.cond(flag, lambda: products(True), lambda: products(False))
+        return t_bar, m_bar, None, None
 
     value_and_grad.defvjp(fwd, bwd)
-    return value_and_grad(theta, meta_out, consts)
+    return value_and_grad(theta, meta_out, consts, jnp.asarray(theta_differentiated))
 
 
 class LookaheadAux(NamedTuple):
@@ -478,7 +496,9 @@ def lookahead_loss(
 
     Args:
       meta_params: φ.
-      params, opt_state, batch_stats: the target after the real step.
+      params, opt_state, batch_stats: the target after the real step, constants here
+        (under `lax.stop_gradient`: this is a function of φ alone, so the first
+        step's θ₁ is never differentiated, which "mixed" mode exploits).
       x: (B, H, W, 3) batch; y: (B,) labels; src_feats: the source's taps on x.
       axis_name: inside `jax.shard_map` over the batch (per-device BN statistics), the
         mapped axis: every loss (each look-ahead step's, the outer one) is averaged over
@@ -489,6 +509,7 @@ def lookahead_loss(
       (outer loss, LookaheadAux).
     """
     mcfg = cfg.matching
+    params, opt_state, batch_stats = lax.stop_gradient((params, opt_state, batch_stats))
     tx = _sgd_like(opt_state)
     w, lam = transfer.meta_outputs(meta_params, transfer.pool(src_feats), mcfg)
     first_order = cfg.scheme == "first_order"
@@ -511,10 +532,12 @@ def lookahead_loss(
 
     step_grad = functools.partial(inner_value_and_grad, hvp=cfg.hvp)
 
-    def inner_step(carry, _):
+    def inner_step(carry, i):
+        # Step i's θ depends on φ from the second step on (and never under first_order).
         p, s = carry
         at = lax.stop_gradient(p) if first_order else p
-        (loss, new_bs), grads = step_grad(matching_objective, at, (w, lam), consts)
+        (loss, new_bs), grads = step_grad(matching_objective, at, (w, lam), consts,
+                                          theta_differentiated=False if first_order else i > 0)
         p, s = sgd_apply(tx, p, s, grads)
         return (p, s), (loss, new_bs)
 
@@ -523,18 +546,18 @@ def lookahead_loss(
     if cfg.unrolled:
         # A Python loop: the same program as lax.scan(unroll=True) would give, traced directly.
         carry, outs = (params, opt_state), []
-        for _ in range(cfg.T):
-            carry, out = inner_step(carry, None)
+        for i in range(cfg.T):
+            carry, out = inner_step(carry, i)
             outs.append(out)
         (p, s) = carry
         inner_losses, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
     else:
-        (p, s), (inner_losses, stats) = lax.scan(inner_step, (params, opt_state), None, length=cfg.T)
+        (p, s), (inner_losses, stats) = lax.scan(inner_step, (params, opt_state), jnp.arange(cfg.T))
     first_bs = jax.tree.map(lambda a: a[0], stats)
     if cfg.scheme != "original":
 
         at = lax.stop_gradient(p) if first_order else p
-        p, s = sgd_apply(tx, p, s, step_grad(ce_objective, at, (), consts)[1])
+        p, s = sgd_apply(tx, p, s, step_grad(ce_objective, at, (), consts, theta_differentiated=not first_order)[1])
     logits, _, _ = target_forward(model, p, batch_stats, x)
     outer = device_mean(transfer.cross_entropy(logits, y), axis_name)
     return outer, LookaheadAux(inner_losses[0], inner_losses, first_bs)
