@@ -44,6 +44,8 @@ import tempfile
 from benchmarks import common
 from benchmarks.common import log, rounded
 from benchmarks.unroll_memory import MODES, run_child
+from l2t_jax import xla_flags
+from l2t_jax.models.layers import CONV_IMPLS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,8 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.modes = _subset(p, "--modes", args.modes, tuple(MODES))
     args.heaps = _subset(p, "--heaps", args.heaps, ("release", "keep"))
-    args.cpu_schedulers = _subset(p, "--cpu_schedulers", args.cpu_schedulers, ("auto", "concurrency", "memory"))
-    args.conv_impls = _subset(p, "--conv_impls", args.conv_impls, ("auto", "xla", "im2col", "im2col_single", "im2col_loop"))
+    args.cpu_schedulers = _subset(p, "--cpu_schedulers", args.cpu_schedulers, xla_flags.CPU_SCHEDULERS)
+    args.conv_impls = _subset(p, "--conv_impls", args.conv_impls, CONV_IMPLS)
     return args
 
 

@@ -64,6 +64,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from l2t_jax import xla_flags
+    from l2t_jax.models.layers import CONV_IMPLS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="stl10", choices=sorted(common.SETTINGS))
     p.add_argument("--batch", type=int, default=None, help="default: the setting's (stl10 128, cub200 64)")
@@ -74,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="BilevelConfig(unroll=False): the look-ahead steps as a loop (default: unrolled)")
     p.add_argument("--hvp", default="reverse", choices=("reverse", "mixed"),
                    help="BilevelConfig(hvp=...): reverse over reverse, or mixed (forward-over-reverse HVPs)")
-    p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single", "im2col_loop"),
+    p.add_argument("--conv_impl", default="auto", choices=CONV_IMPLS,
                    help="convolution lowering (l2t_jax.models.layers; auto: im2col on CPU, im2col_loop there in mixed mode)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameters and activations (BN running statistics stay float32)")
@@ -85,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heap", default="release", choices=("release", "keep"),
                    help="return the heap's free memory to the OS after building and compiling, as experiments.run "
                         "does (release), or never (keep)")
-    p.add_argument("--cpu_scheduler", default="auto", choices=("auto", "concurrency", "memory"),
+    p.add_argument("--cpu_scheduler", default="auto", choices=xla_flags.CPU_SCHEDULERS,
                    help="XLA CPU's instruction order, set in XLA_FLAGS before JAX starts (l2t_jax.xla_flags; auto: "
                         "depth-first 'memory' in mixed mode, XLA's breadth-first 'concurrency' otherwise)")
     p.add_argument("--no_plain", action="store_true", help="skip the plain-step measurement")
@@ -242,8 +245,7 @@ def compiled_plain_step(model, dtype, variables, x, y):
 def run_jax(args) -> dict:
     from l2t_jax import xla_flags
 
-    scheduler = xla_flags.cpu_scheduler_for(args.hvp, args.cpu_scheduler)
-    xla_flags.use_cpu_scheduler(scheduler)  # before JAX starts: XLA reads its flags once
+    scheduler = xla_flags.choose_cpu_scheduler(args.hvp, args.cpu_scheduler)  # before JAX starts: XLA reads its flags once
     import flax
     import jax
     import jax.numpy as jnp
@@ -258,6 +260,7 @@ def run_jax(args) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     dev = jax.devices()[0]
     on_cpu = dev.platform == "cpu"
+    conv_impl_used = conv_impl_for(args.conv_impl, args.hvp)
     log(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}); setting {args.setting}, batch {args.batch}, "
         f"T {args.T}, remat {args.remat}, conv_impl {args.conv_impl}, dtype {args.dtype}")
     s, cfg, models, state, source_vars, x, y, target_vars, pairs = build(args)
@@ -289,7 +292,7 @@ def run_jax(args) -> dict:
     if args.memory_only:
         return {"benchmark": "train_step", "memory_only": True, "setting": args.setting, "batch": args.batch,
                 "T": args.T, "remat": bool(args.remat), "unroll": cfg.unrolled, "hvp": args.hvp,
-                "conv_impl": args.conv_impl, "conv_impl_used": conv_impl_for(args.conv_impl, args.hvp),
+                "conv_impl": args.conv_impl, "conv_impl_used": conv_impl_used,
                 "dtype": args.dtype, "num_pairs": len(pairs),
                 "compile_s": rounded(compile_s, 2), "lower_s": rounded(lower_s, 2), **mem,
                 "baseline_rss_gb": gb(baseline_rss), "rss_lowered_gb": gb(rss_lowered),
@@ -332,7 +335,7 @@ def run_jax(args) -> dict:
         "unroll": cfg.unrolled,
         "hvp": args.hvp,
         "conv_impl": args.conv_impl,
-        "conv_impl_used": conv_impl_for(args.conv_impl, args.hvp),
+        "conv_impl_used": conv_impl_used,
         "dtype": args.dtype,
         "iters": args.iters,
         "compilation_cache": args.compilation_cache,

@@ -91,11 +91,10 @@ def _choose_cpu_scheduler(config) -> None:
     from l2t_jax.run_config import ConfigError
 
     choice = config.get("cpu_scheduler", "auto")
-    if choice not in xla_flags.CPU_SCHEDULERS:
-        raise ConfigError(f"config.cpu_scheduler={choice!r} is not one of {', '.join(xla_flags.CPU_SCHEDULERS)}")
-    scheduler = xla_flags.cpu_scheduler_for(config.get("hvp", "reverse"), choice)
     try:
-        xla_flags.use_cpu_scheduler(scheduler)
+        scheduler = xla_flags.choose_cpu_scheduler(config.get("hvp", "reverse"), choice)
+    except ValueError:
+        raise ConfigError(f"config.cpu_scheduler={choice!r} is not one of {', '.join(xla_flags.CPU_SCHEDULERS)}") from None
     except RuntimeError as e:
         logging.warning("%s; XLA's flags stay as they are", e)
         return

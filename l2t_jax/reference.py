@@ -464,12 +464,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("precision", help="float32 vs float64 meta-gradient on a config's data and state "
                                      "(--config=FILE [--config.KEY=V] [--batches=N] [--workdir=RUN] [--json=OUT])")
 
+    from l2t_jax.models.layers import CONV_IMPLS
+
     def add_common(p, out: bool = False):
         p.add_argument("case_dir", type=Path)
         if out:
             p.add_argument("--out", type=Path, required=True)
         p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-        p.add_argument("--conv_impl", default="auto", choices=("auto", "xla", "im2col", "im2col_single", "im2col_loop"))
+        p.add_argument("--conv_impl", default="auto", choices=CONV_IMPLS)
         p.add_argument("--hvp", choices=("reverse", "mixed"), default="reverse",
                        help="meta-gradient mode: reverse over reverse, or mixed (forward-over-reverse HVPs)")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")

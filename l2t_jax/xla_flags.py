@@ -1,6 +1,6 @@
 """The XLA CPU scheduler, chosen for the whole process before JAX starts.
 
-    xla_flags.use_cpu_scheduler(xla_flags.cpu_scheduler_for("mixed"))  # before any JAX work
+    xla_flags.choose_cpu_scheduler("mixed")  # before any JAX work
     import jax  # (importing is fine; running anything starts the backend)
 
 XLA's CPU compiler orders a program's instructions either breadth-first (its
@@ -18,6 +18,7 @@ XLA reads XLA_FLAGS once, when JAX's first backend starts, and a per-compile opt
 those of the default order; checked both ways). So the choice belongs to the process:
 `experiments.run` and `benchmarks.train_step` make it first thing, and
 `use_cpu_scheduler` refuses once a backend is running, rather than do nothing.
+`choose_cpu_scheduler` does both steps: resolve a choice for a mode, then set it.
 """
 
 from __future__ import annotations
@@ -73,3 +74,15 @@ def use_cpu_scheduler(scheduler: str, environ: MutableMapping[str, str] | None =
                            "(XLA reads XLA_FLAGS once); choose it first thing in the process")
     env["XLA_FLAGS"] = flags
     return flags
+
+
+def choose_cpu_scheduler(hvp: str, choice: str = "auto", environ: MutableMapping[str, str] | None = None) -> str:
+    """Resolves `choice` for the meta-gradient mode `hvp` (`cpu_scheduler_for`), sets it, and returns it.
+
+    Raises:
+      ValueError: `choice` is not one of CPU_SCHEDULERS.
+      RuntimeError: a JAX backend is already running and the setting would change.
+    """
+    scheduler = cpu_scheduler_for(hvp, choice)
+    use_cpu_scheduler(scheduler, environ)
+    return scheduler

@@ -53,6 +53,17 @@ def test_use_cpu_scheduler_refuses_once_a_backend_runs(monkeypatch):
     assert env["XLA_FLAGS"].endswith(f"{FLAG}=false")  # unchanged by the refusal
 
 
+def test_choose_cpu_scheduler_resolves_then_sets(monkeypatch):
+    monkeypatch.setattr(xla_flags, "backends_started", lambda: False)
+    env = {}
+    assert xla_flags.choose_cpu_scheduler("mixed", environ=env) == "memory"
+    assert env["XLA_FLAGS"] == f"{FLAG}=false"
+    assert xla_flags.choose_cpu_scheduler("mixed", "concurrency", env) == "concurrency"
+    assert env["XLA_FLAGS"] == ""
+    with pytest.raises(ValueError, match="unknown CPU scheduler"):
+        xla_flags.choose_cpu_scheduler("reverse", "fast", env)
+
+
 def _child(which: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     p = subprocess.run([sys.executable, str(CHILD), which], capture_output=True, text=True, timeout=600, env=env)
