@@ -158,10 +158,13 @@ def im2col_loop_conv(
     The same forward values. Autodiff of `im2col_conv` builds the input's gradient as
     kh*kw tap cotangents, each padded to the input's size, alive at once before they
     are summed (nine (B, H+2p, W+2p, C_in) buffers for a 3x3 kernel). This derivative
-    keeps only x and the kernel and runs a `fori_loop` over the taps: per tap, its
-    slice of the padded input gives the kernel rows' gradient (contracting over
-    B*H_out*W_out, as autodiff does), and dy times the tap's kernel rows is added into
-    one padded input gradient. Equal to autodiff's up to the order of the sum.
+    keeps only x and the kernel and runs a `fori_loop` over the kernel's rows. Per
+    row, each tap's slice of the padded input gives its kernel gradient (contracting
+    over B*H_out*W_out, as autodiff does), and the row's taps' input gradients (dy
+    times each tap's kernel, shifted by its column) are summed into one buffer, which
+    is added into the padded input gradient: kh read-modify-writes of that gradient
+    rather than kh*kw (results/benchmarks/README.md, "The tap loop by kernel rows").
+    Equal to autodiff's up to the order of the sum.
 
     For mixed mode (`BilevelConfig.hvp="mixed"`), whose forward-over-reverse products
     differentiate this derivative once more in forward mode only: it lowers XLA's
@@ -183,25 +186,26 @@ def _im2col_loop_bwd(stride, padding, max_contraction, residuals, dy):
     ho, wo = dy.shape[1], dy.shape[2]
     span_h, span_w = (ho - 1) * stride + 1, (wo - 1) * stride + 1  # a tap's extent in the padded input
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    tap_kernels = kernel.reshape(kh * kw, cin, cout)
     dy_rows = dy.reshape(-1, cout)
+    zero = jnp.zeros((), dy.dtype)
 
-    def one_tap(t, carry):
+    def one_kernel_row(i, carry):
         dxp, dkernel = carry
-        i, j = t // kw, t % kw
-        tap = lax.dynamic_slice(xp, (0, i, j, 0), (b, span_h, span_w, cin))[:, ::stride, ::stride, :].reshape(-1, cin)
-        dk_t = lax.dot_general(tap, dy_rows, (((0,), (0,)), ((), ())), precision=_HIGHEST)  # (C_in, C_out)
-        dkernel = lax.dynamic_update_index_in_dim(dkernel, dk_t, t, 0)
-        w_t = lax.dynamic_index_in_dim(tap_kernels, t, 0, keepdims=False)
-        dtap = jnp.matmul(dy_rows, w_t.T, precision=_HIGHEST).reshape(b, ho, wo, cin)
-        if stride > 1:  # back to the tap's strided positions
-            zero = jnp.zeros((), dtap.dtype)
-            dtap = lax.pad(dtap, zero, ((0, 0, 0), (0, 0, stride - 1), (0, 0, stride - 1), (0, 0, 0)))
-        window = lax.dynamic_slice(dxp, (0, i, j, 0), dtap.shape)
-        return lax.dynamic_update_slice(dxp, window + dtap, (0, i, j, 0)), dkernel
+        w_row = lax.dynamic_index_in_dim(kernel, i, 0, keepdims=False)  # (kw, C_in, C_out)
+        dk_row, row = [], None
+        for j in range(kw):
+            tap = lax.dynamic_slice(xp, (0, i, j, 0), (b, span_h, span_w, cin))[:, ::stride, ::stride, :].reshape(-1, cin)
+            dk_row.append(lax.dot_general(tap, dy_rows, (((0,), (0,)), ((), ())), precision=_HIGHEST))  # (C_in, C_out)
+            dtap = jnp.matmul(dy_rows, w_row[j].T, precision=_HIGHEST).reshape(b, ho, wo, cin)
+            # the tap's gradient at its strided positions, shifted right by its column j
+            piece = lax.pad(dtap, zero, ((0, 0, 0), (0, 0, stride - 1), (j, kw - 1 - j, stride - 1), (0, 0, 0)))
+            row = piece if row is None else row + piece
+        dkernel = lax.dynamic_update_index_in_dim(dkernel, jnp.stack(dk_row), i, 0)
+        window = lax.dynamic_slice(dxp, (0, i, 0, 0), row.shape)
+        return lax.dynamic_update_slice(dxp, window + row, (0, i, 0, 0)), dkernel
 
-    dxp, dkernel = lax.fori_loop(0, kh * kw, one_tap, (jnp.zeros_like(xp), jnp.zeros_like(tap_kernels)))
-    return dxp[:, padding : padding + h, padding : padding + w, :], dkernel.reshape(kernel.shape)
+    dxp, dkernel = lax.fori_loop(0, kh, one_kernel_row, (jnp.zeros_like(xp), jnp.zeros_like(kernel)))
+    return dxp[:, padding : padding + h, padding : padding + w, :], dkernel
 
 
 im2col_loop_conv.defvjp(_im2col_loop_fwd, _im2col_loop_bwd)
