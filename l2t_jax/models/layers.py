@@ -12,7 +12,7 @@ imported from the reference produce the same numbers:
   k*k*C_in contraction into groups of taps of at most `IM2COL_MAX_CONTRACTION`
   and sums the group products: XLA's CPU float32 dot loses accuracy on long
   contractions (see `im2col_conv`). A third, `im2col_loop_conv`, is the same
-  forward with a reverse-mode derivative that loops over the taps (fewer
+  forward with a reverse-mode derivative that loops over the kernel's rows (fewer
   temporaries; what mixed mode gets on CPU, `conv_impl_for`).
 * `BatchNorm`: batch statistics in training mode, biased variance for the
   normalisation, *unbiased* variance for the running estimate, momentum 0.1 in
@@ -42,7 +42,7 @@ Initializer = Callable[..., Array]
 #: "im2col_single" (one matmul over the whole k*k*C_in patch: the former "im2col",
 #: faster on CPU but less accurate in float32, see the README's "Speed and memory";
 #: kept for benchmarks/conv_accuracy.py), "im2col_loop" ("im2col" with a reverse-mode
-#: derivative that loops over the taps: `im2col_loop_conv`; "auto" in mixed mode on CPU).
+#: derivative that loops over the kernel's rows: `im2col_loop_conv`; "auto" in mixed mode on CPU).
 CONV_IMPLS = ("auto", "xla", "im2col", "im2col_single", "im2col_loop")
 
 #: Longest contraction (taps x C_in) one matmul of the "im2col" lowering accumulates,
@@ -153,7 +153,7 @@ def im2col_conv(
 def im2col_loop_conv(
     x: Array, kernel: Array, stride: int, padding: int, max_contraction: int | None = IM2COL_MAX_CONTRACTION
 ) -> Array:
-    """`im2col_conv`, whose reverse-mode derivative takes the taps one at a time in a loop.
+    """`im2col_conv`, whose reverse-mode derivative adds the taps in a loop over the kernel's rows.
 
     The same forward values. Autodiff of `im2col_conv` builds the input's gradient as
     kh*kw tap cotangents, each padded to the input's size, alive at once before they
@@ -169,7 +169,7 @@ def im2col_loop_conv(
     For mixed mode (`BilevelConfig.hvp="mixed"`), whose forward-over-reverse products
     differentiate this derivative once more in forward mode only: it lowers XLA's
     temporaries (`conv_impl_for`). Under reverse-over-reverse the outer pass keeps the
-    loop's carry for every tap, which costs more than it saves (results/benchmarks/
+    loop's carry for every iteration, which costs more than it saves (results/benchmarks/
     README.md, "Compilation"), so "auto" never picks it there. Shapes as `im2col_conv`.
     """
     return im2col_conv(x, kernel, stride, padding, max_contraction)
