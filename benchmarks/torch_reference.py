@@ -396,6 +396,25 @@ def crosscheck(setting_name: str, batch: int, T: int, iters: int, pairs_spec=Non
     return out
 
 
+def count_flops(bench: "TorchL2T") -> dict:
+    """GFLOP of one iteration and of one plain step, as torch's FlopCounterMode counts them.
+
+    It counts matrix multiplications and convolutions (forward and backward), not
+    elementwise work; XLA's cost analysis (`benchmarks.meta_phases`' "flops") counts both,
+    which for these networks adds 2-3 % (a ResNet18 forward at 224 px: 238.8 GFLOP by
+    XLA against 2 x 1.82 GMAC x 64 = 233 GFLOP of convolutions and matmuls).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = {}
+    for name, fn in (("iter", bench.iteration), ("plain", bench.plain_step_fn())):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        counts[name] = counter.get_total_flops() / 1e9
+    return {"torch_iter_gflop": rounded(counts["iter"], 3), "torch_plain_gflop": rounded(counts["plain"], 3),
+            "torch_flop_ratio": rounded(counts["iter"] / counts["plain"], 2)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default="stl10", choices=sorted(common.SETTINGS))
@@ -410,6 +429,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--crosscheck", action="store_true",
                    help="instead of timing: run this twin and l2t_jax's train_step from the same state in "
                         "float64 on CPU and compare meta-gradients, φ and θ (exit 1 beyond 1e-9)")
+    p.add_argument("--flops", action="store_true",
+                   help="instead of timing: count one iteration's and one plain step's arithmetic "
+                        "(torch.utils.flop_counter: matmuls and convolutions, forward and backward)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: left at torch's default; on a shared, "
                         "oversubscribed CPU, OpenMP's spinning threads can make tiny runs 10-50x slower)")
@@ -442,6 +464,12 @@ def main(argv=None) -> dict:
     log(f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); setting {args.setting}, "
         f"batch {args.batch}, T {args.T}, mode {args.mode}, {len(pairs)} pairs")
     bench = TorchL2T(s, pairs, args.batch, args.T, device, args.mode, args.seed)
+    if args.flops:
+        out = count_flops(bench)
+        out.update(benchmark="torch_reference", setting=args.setting, batch=args.batch, T=args.T,
+                   torch_mode=args.mode, num_pairs=len(pairs), torch=torch.__version__)
+        common.emit(out)
+        return out
     sync = (lambda r: torch.cuda.synchronize()) if cuda else (lambda r: r)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)

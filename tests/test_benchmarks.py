@@ -9,12 +9,14 @@ real figures come from full runs on a quiet machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,3 +298,66 @@ def test_step_overhead_times_the_wrapper_beside_jit_dispatch(tmp_path):
     assert (r["setting"], r["batch"], r["T"], r["calls"]) == ("tiny", 2, 1, 20)
     assert r["overhead_ms"] == pytest.approx(r["wrapped_call_ms"] - r["jit_call_ms"], abs=2e-4)
 
+
+
+def test_meta_phases_hvp_and_cross_phases_compute_what_the_lookahead_needs():
+    """meta_phases' "hvp" phase is vᵀ∇²L (θ and the stand-in φ') in either mode; its "cross" phase in
+    mixed mode keeps φ's part and zeroes θ's, as the look-ahead's first step does. Expectations from
+    the jvp of jax.grad of the same loss, written here (independent of the benchmark and of bilevel's modes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import meta_phases, train_step
+    from l2t_jax import bilevel, transfer
+
+    got = {}
+    for mode in ("mixed", "reverse"):
+        args = meta_phases.parse_args(["--setting", "tiny", "--batch", "2", "--hvp", mode, "--conv_impl", "im2col"])
+        s, cfg, models, state, source_vars, x, y, _, _ = train_step.build(args)
+        fns = meta_phases.phase_functions(cfg, models, state, source_vars, x, y, jnp.asarray(0.1))
+        got[mode] = {k: jax.jit(fns[k][0])(*fns[k][1]) for k in ("hvp", "cross")}
+        params, scale, bs, xb, yb, v = fns["hvp"][1]
+
+    def loss(p, m):
+        logits, _, _ = bilevel.target_forward(models.target, p, bs, xb)
+        return transfer.cross_entropy(logits * m, yb)
+
+    # d/dε ∇_(θ, m) L at (θ + εv, m): the rows of the Hessian the look-ahead's backward pass needs
+    _, (want_t, want_m) = jax.jvp(lambda p: jax.grad(loss, argnums=(0, 1))(p, scale), (params,), (v,))
+    close = functools.partial(np.testing.assert_allclose, rtol=2e-3, atol=2e-4)
+    for mode in ("mixed", "reverse"):
+        jax.tree.map(close, got[mode]["hvp"][0], want_t)
+        close(got[mode]["hvp"][1], want_m)
+        close(got[mode]["cross"][1], want_m)
+    jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0), got["mixed"]["cross"][0])
+
+
+def test_meta_phases_times_each_phase(tmp_path):
+    out = tmp_path / "phases.json"
+    records, _ = _run("benchmarks.meta_phases", "--setting", "tiny", "--batch", "2", "--T", "1", "--iters", "1",
+                      "--phases", "forward,plain,cross,lookahead,meta_gradient", "--out", str(out))
+    r = records[-1]
+    assert json.loads(out.read_text()) == r
+    assert list(r["phases"]) == ["forward", "plain", "cross", "lookahead", "meta_gradient"]
+    for rec in r["phases"].values():
+        _positive(rec, "s_median", "s_per_forward", "s_per_plain")
+    assert r["phases"]["forward"]["s_per_forward"] == 1.0 and r["phases"]["plain"]["s_per_plain"] == 1.0
+    assert r["meta_backward_s"] == pytest.approx(
+        r["phases"]["meta_gradient"]["s_median"] - r["phases"]["lookahead"]["s_median"], abs=2e-4)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.meta_phases", "--phases", "forward,nope"],
+                         cwd=str(REPO), capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_meta_phases_counts_flops_only_in_loop_free_programs():
+    """XLA's cost analysis counts a loop's body once; meta_phases refuses such a count rather than report it short."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.meta_phases import _flops
+
+    a = jnp.ones((1024, 1024), jnp.float32)
+    b = jnp.ones((1024, 512), jnp.float32)
+    assert _flops(jax.jit(jnp.matmul).lower(a, b).compile()) == pytest.approx(2 * 1024 * 1024 * 512 / 1e9, rel=1e-3)
+    looped = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, c: jnp.tanh(c @ b[:512]), x[:, :512]))
+    assert _flops(looped.lower(a).compile()) is None
