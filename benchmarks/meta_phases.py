@@ -20,7 +20,7 @@ sizes), compiled ahead of time, warmed up once and timed `--iters` times:
 * plain: one plain SGD step (`benchmarks.train_step.make_plain_step`), the
   denominator of `train_step`'s ratio;
 * source: the source's forward pass (`bilevel.source_outputs`);
-* real_step: the real step's ∇θ L_total and its SGD update (`train_step`'s part 1);
+* real_step: `bilevel.real_step` (∇θ L_total and its SGD update);
 * lookahead: `bilevel.lookahead_loss` evaluated (the look-ahead's forward only);
 * meta_gradient: `bilevel.meta_gradient` (look-ahead forward and backward);
 * iteration: the whole `bilevel.train_step`, as `benchmarks.train_step` times it
@@ -98,18 +98,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _timed(name: str, fn, operands: tuple, iters: int) -> dict:
-    """Compile `fn` for `operands` ahead of time, warm it up, time `iters` calls."""
+    """Compile `fn` for `operands` ahead of time, then `_time_compiled` it."""
     import jax
 
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*operands).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(*operands))
-    flops = _flops(compiled)
+    return _time_compiled(name, lambda: compiled(*operands), compiled, time.perf_counter() - t0, iters)
+
+
+def _time_compiled(name: str, call, compiled, compile_s: float, iters: int) -> dict:
+    """Warm `call` (which runs `compiled`) up once, time `iters` calls, count its arithmetic."""
+    import jax
+
+    jax.block_until_ready(call())
     log(f"{name}: compiled in {compile_s:.1f} s; timing {iters} calls")
-    times = common.time_calls(lambda: compiled(*operands), iters, jax.block_until_ready)
+    times = common.time_calls(call, iters, jax.block_until_ready)
     return {"s_median": common.median(times), "s_all": [rounded(t) for t in times], "compile_s": rounded(compile_s, 2),
-            "gflop": flops}
+            "gflop": _flops(compiled)}
 
 
 def _flops(compiled) -> float | None:
@@ -173,15 +178,8 @@ def phase_functions(cfg, models, state, source_vars, x, y, lr) -> dict:
         return jax.grad(g_dot_v, argnums=(0, 1))(p, s)
 
     def real_step(st, sf, sl, xb, yb, r):
-        w, lam = transfer.meta_outputs(jax.lax.stop_gradient(st.meta_params), transfer.pool(sf), cfg.matching)
-
-        def total(q):
-            t = bilevel.loss_terms(target, q, st.batch_stats, xb, yb, sf, w, lam, cfg.matching, cfg=cfg, src_logits=sl)
-            return t.total, t
-
-        (loss, _), g = jax.value_and_grad(total, has_aux=True)(st.params)
-        opt = bilevel.with_learning_rate(st.opt_state, r)
-        return bilevel.sgd_apply(bilevel._sgd_like(opt), st.params, opt, g), loss
+        params, opt_state, _, metrics = bilevel.real_step(st, xb, yb, r, sf, model=target, cfg=cfg, src_logits=sl)
+        return (params, opt_state), metrics["loss"]
 
     look = functools.partial(bilevel.lookahead_loss, model=target, cfg=cfg)
     meta = functools.partial(bilevel.meta_gradient, model=target, cfg=cfg)
@@ -265,12 +263,9 @@ def run(args) -> dict:
         if name == "flops":
             flops = flop_count(args)
         elif name == "plain":
+            # its state is donated and updated in place by each call, so it is timed as it is
             one_plain, compile_s = train_step.compiled_plain_step(models.target, jnp.float32, target_vars(), x, y)
-            jax.block_until_ready(one_plain())
-            log(f"plain: compiled in {compile_s:.1f} s; timing {args.iters} calls")
-            times = common.time_calls(one_plain, args.iters, jax.block_until_ready)
-            phases[name] = {"s_median": common.median(times), "s_all": [rounded(t) for t in times],
-                            "compile_s": rounded(compile_s, 2), "gflop": _flops(one_plain.compiled)}
+            phases[name] = _time_compiled(name, one_plain, one_plain.compiled, compile_s, args.iters)
         else:
             fn, operands = fns[name]
             phases[name] = _timed(name, fn, operands, args.iters)

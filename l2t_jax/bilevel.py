@@ -1,10 +1,10 @@
 """The bilevel scheme: PyTorch-exact SGD, the unrolled look-ahead, the meta-gradient, `train_step`.
 
-One training iteration, in the reference's order (alinlab/L2T-ww `train_l2t_ww.py`):
+One training iteration (`train_step`), in the reference's order (alinlab/L2T-ww `train_l2t_ww.py`):
 
-1. real step: one SGD step on L_total = L_org + L_wfm at θ -> θ₁ (BN in training
+1. real step (`real_step`): one SGD step on L_total = L_org + L_wfm at θ -> θ₁ (BN in training
    mode; the source in eval mode, as a constant);
-2. meta step from θ₁: T SGD steps on L_wfm, one SGD step on L_org, the outer loss
+2. meta step (`meta_step`) from θ₁: T SGD steps on L_wfm, one SGD step on L_org, the outer loss
    L_org(θ⁺) on the same batch, and its gradient with respect to φ *through the
    unroll* (`jax.grad` of `lookahead_loss`: momentum, weight decay, BN batch
    statistics and every Hessian-vector product included); one Adam step on φ;
@@ -592,6 +592,100 @@ def _sgd_like(opt_state: optax.InjectHyperparamsState) -> optax.GradientTransfor
 # --------------------------------------------------------------------------- one training iteration
 
 
+def real_step(
+    state: TrainState,
+    x: Array,
+    y: Array,
+    lr: Array,
+    src_feats: list[Array],
+    *,
+    model: nn.Module,
+    cfg: BilevelConfig,
+    axis_name: Optional[str] = None,
+    src_logits: Optional[Array] = None,
+) -> tuple[PyTree, PyTree, PyTree, dict[str, Array]]:
+    """The iteration's real step: one SGD step of θ on L_total at learning rate `lr`.
+
+    φ is read (its weights w and λ) but not differentiated. BN is in training mode, so
+    the step also returns the batch's updated running statistics.
+
+    Args:
+      state: the `TrainState` (θ, its SGD state, BN statistics, φ).
+      x: (B, H, W, 3) normalised images; y: (B,) int labels.
+      lr: this iteration's learning rate of θ (scalar).
+      src_feats: the source's taps on x (empty for "scratch").
+      model: the target module; cfg: the static configuration.
+      axis_name: as `train_step`'s.
+      src_logits: the source's logits (only for LwF).
+    Returns:
+      (θ₁, its SGD state, BN statistics after the forward at θ, metrics): "loss"
+      (L_total), "ce", "wfm", "accuracy" (top-1 of this forward, in [0, 1]), "lambda"
+      (P,) batch-mean λ per pair, "at" / "lwf" when those terms are on.
+    """
+    mcfg = cfg.matching
+    w, lam = transfer.meta_outputs(lax.stop_gradient(state.meta_params), transfer.pool(src_feats), mcfg)
+
+    def total(q):
+        t = loss_terms(model, q, state.batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg, src_logits=src_logits)
+        return device_mean(t.total, axis_name), t
+
+    (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
+    opt_state = with_learning_rate(state.opt_state, lr)
+    params, opt_state = sgd_apply(_sgd_like(opt_state), state.params, opt_state, grads)
+    metrics = {
+        "loss": loss,
+        **device_mean({
+            "ce": terms.ce,
+            "wfm": terms.wfm,
+            "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
+            "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
+            **({"at": terms.at} if cfg.at_pairs else {}),
+            **({"lwf": terms.lwf} if cfg.lwf_weight > 0 else {}),
+        }, axis_name),
+    }
+    return params, opt_state, terms.batch_stats, metrics
+
+
+def meta_step(
+    meta_params: PyTree,
+    meta_opt_state: PyTree,
+    params: PyTree,
+    opt_state: PyTree,
+    batch_stats: PyTree,
+    x: Array,
+    y: Array,
+    src_feats: list[Array],
+    *,
+    model: nn.Module,
+    cfg: BilevelConfig,
+    axis_name: Optional[str] = None,
+    src_logits: Optional[Array] = None,
+) -> tuple[PyTree, PyTree, LookaheadAux, dict[str, Array]]:
+    """The iteration's meta step: one PyTorch-Adam step of φ on `meta_gradient` at θ₁.
+
+    Args:
+      meta_params, meta_opt_state: φ and its Adam state.
+      params, opt_state, batch_stats: the target after the real step (θ₁), as
+        `lookahead_loss` takes them.
+      x, y, src_feats, model, cfg, axis_name, src_logits: as `lookahead_loss`'s.
+    Returns:
+      (new φ, its Adam state, the look-ahead's `LookaheadAux`, metrics): "outer_loss",
+      "matching_loss_at_start", "meta_grad_norm".
+    """
+    meta_grads, outer, aux = meta_gradient(
+        meta_params, params, opt_state, batch_stats, x, y, src_feats, model=model, cfg=cfg,
+        axis_name=axis_name, src_logits=src_logits,
+    )
+    meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
+    updates, meta_opt_state = meta_tx.update(meta_grads, meta_opt_state, meta_params)
+    metrics = {
+        "outer_loss": outer,
+        "matching_loss_at_start": aux.matching_loss_at_start,
+        "meta_grad_norm": optax.tree.norm(meta_grads),
+    }
+    return optax.apply_updates(meta_params, updates), meta_opt_state, aux, metrics
+
+
 def train_step(
     state: TrainState,
     source_variables: PyTree,
@@ -603,7 +697,7 @@ def train_step(
     cfg: BilevelConfig,
     axis_name: Optional[str] = None,
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One iteration: real SGD step on L_total, meta step on φ (if the method has one).
+    """One iteration: the source's forward, `real_step` on θ, `meta_step` on φ (if the method has one).
 
     Args:
       state: the `TrainState`.
@@ -617,54 +711,19 @@ def train_step(
         device (the default).
 
     Returns:
-      (new state, metrics): "loss" (L_total), "ce", "wfm", "accuracy" (top-1 of the real
-      step's forward, in [0, 1]), "lambda" (P,) batch-mean λ per pair, "at" / "lwf" when
-      those terms are on, and with a meta step "outer_loss", "matching_loss_at_start",
-      "meta_grad_norm".
+      (new state, metrics): `real_step`'s, and with a meta step `meta_step`'s.
     """
-    mcfg = cfg.matching
     src_logits, src_feats = source_outputs(models.source, source_variables, x) if cfg.uses_source else (None, [])
-    w, lam = transfer.meta_outputs(lax.stop_gradient(state.meta_params), transfer.pool(src_feats), mcfg)
-
-    # 1. real step
-    def total(q):
-        t = loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg,
-                       src_logits=src_logits)
-        return device_mean(t.total, axis_name), t
-
-    (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
-    opt_state = with_learning_rate(state.opt_state, lr)
-    params, opt_state = sgd_apply(_sgd_like(opt_state), state.params, opt_state, grads)
-    batch_stats = terms.batch_stats
-    metrics = {
-        "loss": loss,
-        **device_mean({
-            "ce": terms.ce,
-            "wfm": terms.wfm,
-            "accuracy": jnp.mean((jnp.argmax(terms.logits, -1) == y).astype(jnp.float32)),
-            "lambda": (jnp.stack([jnp.mean(l) for l in lam]) if lam else jnp.ones((len(mcfg.pairs),), loss.dtype)),
-            **({"at": terms.at} if cfg.at_pairs else {}),
-            **({"lwf": terms.lwf} if cfg.lwf_weight > 0 else {}),
-        }, axis_name),
-    }
+    params, opt_state, batch_stats, metrics = real_step(
+        state, x, y, lr, src_feats, model=models.target, cfg=cfg, axis_name=axis_name, src_logits=src_logits)
     meta_params, meta_opt_state = state.meta_params, state.meta_opt_state
-
-    # 2. meta step
     if cfg.has_meta_step:
-        meta_grads, outer, aux = meta_gradient(
-            meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg,
-            axis_name=axis_name, src_logits=src_logits,
-        )
-        meta_tx = pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
-        updates, meta_opt_state = meta_tx.update(meta_grads, meta_opt_state, meta_params)
-        meta_params = optax.apply_updates(meta_params, updates)
-        if cfg.bn_updates == "reference":
+        meta_params, meta_opt_state, aux, meta_metrics = meta_step(
+            meta_params, meta_opt_state, params, opt_state, batch_stats, x, y, src_feats, model=models.target,
+            cfg=cfg, axis_name=axis_name, src_logits=src_logits)
+        if cfg.bn_updates == "reference":  # L2T-ww's reverse pass updates BN at θ₁ once more
             batch_stats = aux.batch_stats
-        metrics.update(
-            outer_loss=outer,
-            matching_loss_at_start=aux.matching_loss_at_start,
-            meta_grad_norm=optax.tree.norm(meta_grads),
-        )
+        metrics.update(meta_metrics)
     new_state = state.replace(
         step=state.step + 1,
         params=params,

@@ -10,11 +10,10 @@ D=results/benchmarks/compile_memory
 mkdir -p $D
 CACHE=$(mktemp -d)
 trap 'rm -rf "$CACHE"' EXIT
+. results/benchmarks/once.sh
 run() {  # name, XLA_FLAGS, train_step arguments...
-  local f=$D/$1.json flags=$2; shift 2
-  [ -s "$f" ] && return 0
-  XLA_FLAGS="$flags" python -m benchmarks.train_step --setting stl10 --T 2 --hvp mixed --memory_only "$@" > $f.part
-  mv $f.part $f
+  local name=$1 flags=$2; shift 2
+  once $D/$name.json env XLA_FLAGS="$flags" python -m benchmarks.train_step --setting stl10 --T 2 --hvp mixed --memory_only "$@"
 }
 run b32_default "" --batch 32
 run b32_opt0 "--xla_backend_optimization_level=0" --batch 32

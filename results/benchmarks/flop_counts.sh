@@ -8,11 +8,10 @@ cd "$(dirname "$0")/../.."
 [ -d .venv ] && . .venv/bin/activate
 D=results/benchmarks/meta_phases
 mkdir -p $D
+. results/benchmarks/once.sh
 run() {  # name, meta_phases arguments...
-  local f=$D/$1.json; shift
-  [ -s "$f" ] && return 0
-  python -m benchmarks.meta_phases --phases flops --compare_torch "$@" --out $f.part > /dev/null
-  mv $f.part $f
+  local name=$1; shift
+  once $D/$name.json python -m benchmarks.meta_phases --phases flops --compare_torch "$@"
 }
 for hvp in mixed reverse; do
   run flops_stl10_b32_T2_$hvp --setting stl10 --batch 32 --hvp $hvp

@@ -6,11 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ -d .venv ] && . .venv/bin/activate
 D=results/benchmarks
-once() {  # once OUT CMD...: run CMD (stdout's last line to OUT) unless OUT exists
-  local out=$1; shift
-  [ -s "$out" ] && { echo "kept $out" >&2; return 0; }
-  "$@" | tail -n 1 > "$out.tmp" && mv "$out.tmp" "$out"
-}
+. results/benchmarks/once.sh
 # stl10 (ResNet32 -> VGG9-bn, 15 pairs): every T and mode, JAX and PyTorch in one table per batch
 python -m benchmarks.unroll_memory --batch 128 --Ts 2 --remat_modes off,on,mixed,torch --iters 2 --out $D/unroll_stl10_b128.json
 once $D/train_step_stl10_b32_T2_torch.json python -m benchmarks.train_step --setting stl10 --batch 32 --T 2 --iters 3 --compare_torch

@@ -6,11 +6,10 @@ cd "$(dirname "$0")/../.."
 [ -d .venv ] && . .venv/bin/activate
 D=results/benchmarks/meta_phases
 mkdir -p $D
+. results/benchmarks/once.sh
 run() {  # name, meta_phases arguments...
-  local f=$D/$1.json; shift
-  [ -s "$f" ] && return 0
-  python -m benchmarks.meta_phases "$@" --out $f.part > /dev/null
-  mv $f.part $f
+  local name=$1; shift
+  once $D/$name.json python -m benchmarks.meta_phases "$@"
 }
 run cub200_b64_T2_mixed --setting cub200 --batch 64 --hvp mixed
 run stl10_b128_T2_mixed --setting stl10 --batch 128 --hvp mixed

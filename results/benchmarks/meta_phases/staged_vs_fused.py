@@ -11,9 +11,9 @@ import sys, time, functools, json
 from l2t_jax import xla_flags
 hvp = sys.argv[2] if len(sys.argv) > 2 else "mixed"
 xla_flags.choose_cpu_scheduler(hvp, "auto")
-import jax, jax.numpy as jnp, optax
+import jax, jax.numpy as jnp
 from benchmarks import meta_phases, train_step, common
-from l2t_jax import bilevel, transfer
+from l2t_jax import bilevel
 setting, batch = sys.argv[1], int(sys.argv[3]) if len(sys.argv) > 3 else None
 args = meta_phases.parse_args(["--setting", setting, "--hvp", hvp] + (["--batch", str(batch)] if batch else []))
 s, cfg, models, state, source_vars, x, y, _, _ = train_step.build(args)
@@ -22,21 +22,14 @@ fused = jax.jit(functools.partial(bilevel.train_step, models=models, cfg=cfg))
 src_fn = jax.jit(functools.partial(bilevel.source_outputs, models.source))
 
 def real(state, src_logits, src_feats, x, y, lr):
-    mcfg = cfg.matching
-    w, lam = transfer.meta_outputs(jax.lax.stop_gradient(state.meta_params), transfer.pool(src_feats), mcfg)
-    def total(q):
-        t = bilevel.loss_terms(models.target, q, state.batch_stats, x, y, src_feats, w, lam, mcfg, cfg=cfg, src_logits=src_logits)
-        return t.total, t
-    (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(state.params)
-    opt_state = bilevel.with_learning_rate(state.opt_state, lr)
-    params, opt_state = bilevel.sgd_apply(bilevel._sgd_like(opt_state), state.params, opt_state, grads)
-    return params, opt_state, terms.batch_stats, loss
+    params, opt_state, batch_stats, metrics = bilevel.real_step(state, x, y, lr, src_feats, model=models.target,
+                                                                cfg=cfg, src_logits=src_logits)
+    return params, opt_state, batch_stats, metrics["loss"]
 
 def meta(state, params, opt_state, batch_stats, x, y, src_feats):
-    g, outer, aux = bilevel.meta_gradient(state.meta_params, params, opt_state, batch_stats, x, y, src_feats, model=models.target, cfg=cfg)
-    tx = bilevel.pytorch_adam(cfg.meta_lr, cfg.meta_weight_decay)
-    upd, mos = tx.update(g, state.meta_opt_state, state.meta_params)
-    return optax.apply_updates(state.meta_params, upd), mos, aux.batch_stats, outer
+    phi, mos, aux, metrics = bilevel.meta_step(state.meta_params, state.meta_opt_state, params, opt_state, batch_stats,
+                                               x, y, src_feats, model=models.target, cfg=cfg)
+    return phi, mos, aux.batch_stats, metrics["outer_loss"]
 
 real_j, meta_j = jax.jit(real), jax.jit(meta)
 def staged():
