@@ -335,10 +335,10 @@ def test_meta_phases_hvp_and_cross_phases_compute_what_the_lookahead_needs():
 def test_meta_phases_times_each_phase(tmp_path):
     out = tmp_path / "phases.json"
     records, _ = _run("benchmarks.meta_phases", "--setting", "tiny", "--batch", "2", "--T", "1", "--iters", "1",
-                      "--phases", "forward,plain,cross,lookahead,meta_gradient", "--out", str(out))
+                      "--phases", "forward,plain,cross,real_step,lookahead,meta_gradient", "--out", str(out))
     r = records[-1]
     assert json.loads(out.read_text()) == r
-    assert list(r["phases"]) == ["forward", "plain", "cross", "lookahead", "meta_gradient"]
+    assert list(r["phases"]) == ["forward", "plain", "cross", "real_step", "lookahead", "meta_gradient"]
     for rec in r["phases"].values():
         _positive(rec, "s_median", "s_per_forward", "s_per_plain")
     assert r["phases"]["forward"]["s_per_forward"] == 1.0 and r["phases"]["plain"]["s_per_plain"] == 1.0
